@@ -59,11 +59,9 @@ def contract(j1: Jacobian, j2: Jacobian, layout: str, batch_diagonal: bool = Fal
         n1, o, _ = a.shape
         n2 = b.shape[0]
         if batch_diagonal:
-            part = {
-                "full": lambda: torch.einsum("iap,ibp->iab", a, b),
-                "trace": lambda: torch.einsum("iap,iap->i", a, b) / o,
-                "diagonal": lambda: torch.einsum("iap,iap->ia", a, b),
-            }[layout]()
+            equation = {"full": "iap,ibp->iab", "trace": "iap,iap->i", "diagonal": "iap,iap->ia"}
+            part = torch.einsum(equation[layout], a, b)
+            part = part / o if layout == "trace" else part
         elif layout == "trace":
             part = (a.reshape(n1, -1) @ b.reshape(n2, -1).T) / o
         elif layout == "full":

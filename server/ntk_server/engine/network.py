@@ -246,7 +246,7 @@ class _Builder:
                 f"must be in [1, {MAX_WIDTH}], got {channels}", field=f"{where}.channels"
             )
         spatial = []
-        for n, k, s, p in zip(shape[1:], kernel, stride, padding):
+        for n, k, s, p in zip(shape[1:], kernel, stride, padding, strict=True):
             size = (n + 2 * p - k) // s + 1
             if size < 1:
                 raise InvalidArgument(
@@ -269,7 +269,7 @@ class _Builder:
             )
         window = _positive_ints(window, ndim, f"{where}.window")
         stride = _positive_ints(layer.get("stride") or window, ndim, f"{where}.stride")
-        spatial = [(n - w) // s + 1 for n, w, s in zip(shape[1:], window, stride)]
+        spatial = [(n - w) // s + 1 for n, w, s in zip(shape[1:], window, stride, strict=True)]
         if min(spatial) < 1:
             raise InvalidArgument(
                 f"window {list(window)} larger than input {list(shape)}", field=where
