@@ -33,7 +33,8 @@ VMAP_AUTOGRAD_EFFICIENCY = 0.3
 # products (one vjp and one vmapped jvp per output).
 OVERHEAD_PER_LAYER_BLOCK_S = 50e-6
 OVERHEAD_PER_OUTPUT_BLOCK_S = 2e-3
-# Activations saved by autograd and temporaries per stored value, for memory estimates.
+# Copies of the saved activations a vmapped autograd pass holds, and temporaries of the size
+# of the output block while a block is contracted (one layer's part and its Gram).
 AUTOGRAD_SAVED_COPIES = 3
 BLOCK_TEMPORARY_COPIES = 3
 DEFAULT_BLOCK_EXAMPLES = 1024
@@ -84,36 +85,38 @@ def _tile_fraction(n: int, layout: str, o: int) -> float:
 
 
 def _structured_range(plans, n: int, o: int, layout: str):
-    """(flops, seconds, factor values, transient values) of one range's factors."""
+    """(flops, seconds, factor values, transient values) of one range's factors.
+
+    The transient is the peak of the forward and batched backward passes beyond the factors:
+    saved activations, the requested signals, and two signals in flight between layers.
+    """
     fwd = _forward_flops(plans)
     first = plans[0]
     # The batched backward runs every layer's input gradient except the first layer's.
     bwd = o * (fwd - 2 * first.positions * first.fan_in * first.channels)
     flops = n * (fwd + bwd)
     seconds = flops / NOMINAL_FLOPS_PER_S / MATMUL_EFFICIENCY
-    values = 0
-    signals = 0
+    values = requested = 0
+    widest = max(math.prod(p.output_shape) for p in plans)
     for p in plans:
+        signal = n * o * p.positions * p.channels
         if p.rule == structured.RULE_GRAM:
             values += n * (p.fan_in + o * p.channels)
-            signals += 2 * n * o * p.channels
+            requested += signal
         elif p.rule == structured.RULE_READOUT:
             values += n * (p.fan_in + p.channels)
-            signals += n * o * p.channels
         elif p.rule == structured.RULE_LAYER_JACOBIAN:
-            jac = n * o * p.channels * (p.fan_in + 1)
-            values += jac
-            flops += 2 * n * o * p.positions * p.channels * p.fan_in
-            seconds += 2 * n * o * p.positions * p.channels * p.fan_in / NOMINAL_FLOPS_PER_S
-            signals += 2 * n * o * p.positions * p.channels + n * p.positions * p.fan_in + jac
+            values += n * o * p.channels * (p.fan_in + 1)
+            requested += signal
+            extra = 2 * n * o * p.positions * p.channels * p.fan_in
+            flops += extra
+            seconds += extra / NOMINAL_FLOPS_PER_S / MATMUL_EFFICIENCY
         else:
-            jac = n * o * p.param_count
-            values += jac
+            values += n * o * p.param_count
             extra = n * (2 * fwd + o * 2 * fwd)
             flops += extra
             seconds += extra / NOMINAL_FLOPS_PER_S / VMAP_AUTOGRAD_EFFICIENCY
-            signals += 2 * jac
-    transient = n * _activation_values(plans) * AUTOGRAD_SAVED_COPIES + signals
+    transient = n * _activation_values(plans) + requested + 2 * n * o * widest
     return flops, seconds, values, transient
 
 
@@ -194,8 +197,10 @@ def method_costs(
         seconds += block / NOMINAL_FLOPS_PER_S / MATMUL_EFFICIENCY
         seconds += OVERHEAD_PER_LAYER_BLOCK_S * len(plans)
     costs["structured"] = _finish(
-        "structured", flops, seconds, factor_values, transient, out_block, item, cache_bytes
-    )
+        "structured", flops, seconds, factor_values, transient, out_block, item, cache_bytes,
+        # A Gram of one range is contracted tile by tile straight into the output block.
+        0 if symmetric else BLOCK_TEMPORARY_COPIES,
+    )  # fmt: skip
 
     # jacobian_contraction: per-range Jacobians by vmap(jacrev), contracted per block.
     flops = seconds = 0.0
@@ -205,7 +210,7 @@ def method_costs(
             f = n * (fwd + o * 2 * fwd)
             flops, seconds = flops + f, seconds + f / NOMINAL_FLOPS_PER_S / VMAP_AUTOGRAD_EFFICIENCY
             factor_values.append(n * o * p_total)
-            transient = max(transient, n * o * p_total + n * o * _activation_values(plans))
+            transient = max(transient, 2 * n * o * p_total + n * o * _activation_values(plans))
     outer = o * o if layout == "full" else o
     for _, _, a, b in pairs:
         block = 2 * a * (1 if batch_diagonal else b) * outer * p_total
@@ -214,7 +219,7 @@ def method_costs(
         seconds += OVERHEAD_PER_LAYER_BLOCK_S * len(net.param_shapes)
     costs["jacobian_contraction"] = _finish(
         "jacobian_contraction", flops, seconds, factor_values, transient, out_block, item,
-        cache_bytes,
+        cache_bytes, BLOCK_TEMPORARY_COPIES,
     )  # fmt: skip
 
     # ntk_vector_products: per block and output, vjps over x2 then jvps through f(x1).
@@ -231,20 +236,29 @@ def method_costs(
             b * p_total + pairs_ab * _activation_values(plans) * AUTOGRAD_SAVED_COPIES,
         )
     costs["ntk_vector_products"] = _finish(
-        "ntk_vector_products", flops, seconds, [], transient, out_block * o, item, cache_bytes
-    )
+        "ntk_vector_products", flops, seconds, [], transient, out_block * o, item, cache_bytes,
+        BLOCK_TEMPORARY_COPIES,
+    )  # fmt: skip
     return costs
 
 
-def _finish(method, flops, seconds, factor_values, transient, out_block, item, cache_bytes):
-    """Peak = cached factors + the current block's two ranges + the larger of the transients."""
+def _finish(
+    method, flops, seconds, factor_values, transient, out_block, item, cache_bytes, temporaries
+):
+    """Peak bytes of the worst block: the larger of its factor phase and its contraction phase.
+
+    Factor phase: the other range's factors held while one range's transient is live.
+    Contraction phase: both ranges' factors, the output block and its temporaries. Factors
+    of further ranges that the cache keeps add to both.
+    """
     largest = sorted(factor_values, reverse=True)[:2]
     working = sum(largest)
     cached = sum(factor_values) - working
     if cache_bytes is not None:
         cached = min(cached, cache_bytes // item)
-    block_temp = out_block * BLOCK_TEMPORARY_COPIES
-    peak = (cached + working + max(transient, block_temp) + out_block) * item
+    factor_phase = working - (largest[0] if largest else 0) + transient
+    contraction_phase = working + out_block * (1 + temporaries)
+    peak = (cached + max(factor_phase, contraction_phase)) * item
     return MethodCost(method, float(flops), float(seconds), int(peak))
 
 

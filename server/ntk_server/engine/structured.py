@@ -232,25 +232,32 @@ def factors(
         taps: list = []
         y = _run(net.module, "", x.detach().requires_grad_(True), params, taps)
         by_path = {path: (module, a, z) for path, module, a, z in taps}
-        need = [p for p in plans if p.rule in (RULE_GRAM, RULE_LAYER_JACOBIAN)]
-        basis = torch.eye(o, dtype=y.dtype, device=y.device).unsqueeze(1).expand(o, n, o)
-        # One batched backward over the output basis: signals[k] is (O, n, *z.shape[1:]).
-        signals = torch.autograd.grad(
-            y, [by_path[p.path][2] for p in need], basis, is_grads_batched=True
-        )
         for plan in plans:
-            module, a, z = by_path[plan.path]
             if plan.rule == RULE_READOUT:
-                out[f"{plan.path}:a"] = a.detach()
+                z = by_path[plan.path][2]
                 out[f"{plan.path}:r"] = _readout_factor(net, plan, z, params).detach()
             elif plan.rule == RULE_FALLBACK:
                 out[f"{plan.path}:j"] = _fallback_jacobian(net, params, plan, x)
-    del y, taps
+        need = [p for p in plans if p.rule in (RULE_GRAM, RULE_LAYER_JACOBIAN)]
+        signals = []
+        if need:
+            basis = torch.eye(o, dtype=y.dtype, device=y.device).unsqueeze(1).expand(o, n, o)
+            # One batched backward over the output basis: signals[k] is (O, n, *z.shape[1:]).
+            signals = list(
+                torch.autograd.grad(
+                    y, [by_path[p.path][2] for p in need], basis, is_grads_batched=True
+                )
+            )
+    inputs = {path: (module, a.detach()) for path, (module, a, _) in by_path.items()}
+    del y, taps, by_path  # frees the autograd graph before the factors are reshaped
+    for plan in plans:
+        if plan.rule in (RULE_GRAM, RULE_READOUT):
+            out[f"{plan.path}:a"] = inputs[plan.path][1]
 
-    for plan, d in zip(need, signals, strict=True):
-        module, a, _ = by_path[plan.path]
+    for k, plan in enumerate(need):
+        module, a = inputs[plan.path]
+        d, signals[k] = signals[k], None  # each signal is released once reshaped
         if plan.rule == RULE_GRAM:
-            out[f"{plan.path}:a"] = a.detach()
             if layout == "diagonal":
                 out[f"{plan.path}:d"] = d
             else:
@@ -260,10 +267,10 @@ def factors(
             continue
         # layer_jacobian: patches (n, S, F) and signals (O, n, S, C).
         if isinstance(module, Conv):
-            p = _patches(module, a.detach()).transpose(1, 2)
+            p = _patches(module, a).transpose(1, 2)
             d = d.flatten(3).transpose(2, 3)
         else:
-            p = a.detach().reshape(n, plan.positions, plan.fan_in)
+            p = a.reshape(n, plan.positions, plan.fan_in)
             d = d.reshape(o, n, plan.positions, plan.channels)
         jac_w = torch.einsum("ansc,nsf->nacf", d, p).reshape(n, o, -1) * plan.w_scale
         parts = [jac_w]
