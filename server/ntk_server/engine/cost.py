@@ -94,7 +94,10 @@ def _structured_range(plans, n: int, o: int, layout: str):
     first = plans[0]
     # The batched backward runs every layer's input gradient except the first layer's.
     bwd = o * (fwd - 2 * first.positions * first.fan_in * first.channels)
-    flops = n * (fwd + bwd)
+    # Per-position signals come from a forward pass on O copies (structured.py, NOTE
+    # (batched backward)).
+    copies = o if any(p.rule == structured.RULE_LAYER_JACOBIAN for p in plans) else 1
+    flops = n * (copies * fwd + bwd)
     seconds = flops / NOMINAL_FLOPS_PER_S / MATMUL_EFFICIENCY
     values = requested = 0
     widest = max(math.prod(p.output_shape) for p in plans)
@@ -116,7 +119,7 @@ def _structured_range(plans, n: int, o: int, layout: str):
             extra = n * (2 * fwd + o * 2 * fwd)
             flops += extra
             seconds += extra / NOMINAL_FLOPS_PER_S / VMAP_AUTOGRAD_EFFICIENCY
-    transient = n * _activation_values(plans) + requested + 2 * n * o * widest
+    transient = copies * n * _activation_values(plans) + requested + 2 * n * o * widest
     return flops, seconds, values, transient
 
 

@@ -224,32 +224,46 @@ def factors(
     """Per-range factors of every layer, keyed "<path>:<factor>".
 
     Factors: "a" inputs (n, F); "d" signals, (n, O C) in trace layout, (O, n, C) in diagonal
-    and (n O, C) in full; "r" readout signals (n, C); "j" layer Jacobians (n, O, P_layer).
+    and (n O, C) in full; "r" readout signals (n, C); "jw" and "jb" the weight and bias
+    Jacobians of layer_jacobian and fallback layers, (n, O, P).
+
+    NOTE (batched backward). The signals of all O outputs come from one backward pass. For
+    dense layers and activations a vmapped backward (is_grads_batched) runs as wide matmuls.
+    Convolution backward has no batching rule and would loop over the outputs, so networks
+    with layers that need per-position signals instead run the forward pass on O copies of
+    the range and one ordinary backward, copy a carrying e_a: O times the forward flops, but
+    large convolutions instead of O small ones.
     """
     o, n = net.output_size, x.shape[0]
     out: Factors = {}
+    need = [p for p in plans if p.rule in (RULE_GRAM, RULE_LAYER_JACOBIAN)]
+    # See NOTE (batched backward) below.
+    replicate = any(p.rule == RULE_LAYER_JACOBIAN for p in need)
     with torch.enable_grad():
         taps: list = []
-        y = _run(net.module, "", x.detach().requires_grad_(True), params, taps)
-        by_path = {path: (module, a, z) for path, module, a, z in taps}
+        xin = x.detach().repeat(o, *([1] * (x.dim() - 1))) if replicate else x.detach()
+        y = _run(net.module, "", xin.requires_grad_(True), params, taps)
+        by_path = {path: (module, a[:n], z) for path, module, a, z in taps}
         for plan in plans:
             if plan.rule == RULE_READOUT:
-                z = by_path[plan.path][2]
+                z = by_path[plan.path][2][:n]
                 out[f"{plan.path}:r"] = _readout_factor(net, plan, z, params).detach()
             elif plan.rule == RULE_FALLBACK:
-                out[f"{plan.path}:j"] = _fallback_jacobian(net, params, plan, x)
-        need = [p for p in plans if p.rule in (RULE_GRAM, RULE_LAYER_JACOBIAN)]
+                out[f"{plan.path}:jw"] = _fallback_jacobian(net, params, plan, x)
         signals = []
         if need:
-            basis = torch.eye(o, dtype=y.dtype, device=y.device).unsqueeze(1).expand(o, n, o)
-            # One batched backward over the output basis: signals[k] is (O, n, *z.shape[1:]).
-            signals = list(
-                torch.autograd.grad(
-                    y, [by_path[p.path][2] for p in need], basis, is_grads_batched=True
-                )
-            )
+            zs = [by_path[p.path][2] for p in need]
+            eye = torch.eye(o, dtype=y.dtype, device=y.device)
+            if replicate:
+                basis = eye.repeat_interleave(n, dim=0)  # row a * n + i is e_a
+                grads = torch.autograd.grad(y, zs, basis)
+                signals = [g.reshape(o, n, *g.shape[1:]) for g in grads]
+            else:
+                basis = eye.unsqueeze(1).expand(o, n, o)
+                signals = list(torch.autograd.grad(y, zs, basis, is_grads_batched=True))
+            # signals[k] is (O, n, *z.shape[1:]): d f_a / d z of layer k for example i.
     inputs = {path: (module, a.detach()) for path, (module, a, _) in by_path.items()}
-    del y, taps, by_path  # frees the autograd graph before the factors are reshaped
+    del y, taps, by_path, xin  # frees the autograd graph before the factors are reshaped
     for plan in plans:
         if plan.rule in (RULE_GRAM, RULE_READOUT):
             out[f"{plan.path}:a"] = inputs[plan.path][1]
@@ -259,7 +273,7 @@ def factors(
         d, signals[k] = signals[k], None  # each signal is released once reshaped
         if plan.rule == RULE_GRAM:
             if layout == "diagonal":
-                out[f"{plan.path}:d"] = d
+                out[f"{plan.path}:d"] = d.contiguous()
             else:
                 d = d.transpose(0, 1).contiguous()  # (n, O, C)
                 flat = (n, -1) if layout == "trace" else (n * o, -1)
@@ -272,11 +286,12 @@ def factors(
         else:
             p = a.reshape(n, plan.positions, plan.fan_in)
             d = d.reshape(o, n, plan.positions, plan.channels)
-        jac_w = torch.einsum("ansc,nsf->nacf", d, p).reshape(n, o, -1) * plan.w_scale
-        parts = [jac_w]
+        if plan.w_scale != 1.0:
+            p = p * plan.w_scale  # the patches are smaller than the Jacobian
+        out[f"{plan.path}:jw"] = torch.einsum("ansc,nsf->nacf", d, p).reshape(n, o, -1)
         if plan.has_bias:
-            parts.append(d.sum(2).transpose(0, 1) * plan.b_scale)
-        out[f"{plan.path}:j"] = torch.cat(parts, dim=2)
+            bias = d.sum(2).transpose(0, 1)
+            out[f"{plan.path}:jb"] = bias * plan.b_scale if plan.b_scale != 1.0 else bias
     return out
 
 
@@ -342,7 +357,9 @@ def _contract(plans, f1, f2, layout, o, batch_diagonal) -> torch.Tensor:
         if plan.rule in (RULE_GRAM, RULE_READOUT):
             out = _add_gram_term(out, plan, f1, f2, layout, o, batch_diagonal)
         else:
-            j1[plan.path], j2[plan.path] = f1[f"{plan.path}:j"], f2[f"{plan.path}:j"]
+            for key in (f"{plan.path}:jw", f"{plan.path}:jb"):
+                if key in f1:
+                    j1[key], j2[key] = f1[key], f2[key]
     if j1:
         part = contract(j1, j2, layout, batch_diagonal)
         out = part if out is None else out.add_(part)
