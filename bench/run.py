@@ -42,8 +42,9 @@ ROW_MEMORY_BYTES = 6 << 30
 ROW_TIMEOUT_S = 600
 MIN_ROW_EXAMPLES = 8
 QUICK_DIVISOR = 8
-# Peers whose work per pair of examples exceeds the engine method of their family.
-TORCHFUNC_NVP_OVERHEAD = 2.0
+# The tutorial's NTK-vector products hold a parameter-sized cotangent per pair of examples and
+# output, and their time follows those values (about 5 ns each, measured on this machine).
+TORCHFUNC_NVP_S_PER_VALUE = 5e-9
 
 ENGINE_ROWS = (
     "engine:structured",
@@ -94,13 +95,14 @@ def row_examples(net, w: Workload, n_full: int, row: str, auto_method: str, repe
     """The largest n <= n_full whose estimated time and memory fit a row's budget."""
     family = _family(row, auto_method)
     itemsize = 8 if w.dtype == "float64" else 4
-    factor = TORCHFUNC_NVP_OVERHEAD if row == "torchfunc:nvp" else 1.0
     n = n_full
     while n > MIN_ROW_EXAMPLES:
         cost = method_costs(net, n, None, w.layout, itemsize)[family]
-        if cost.seconds * factor * (repeats + 1) <= ROW_BUDGET_S and (
-            cost.peak_bytes <= ROW_MEMORY_BYTES
-        ):
+        seconds, peak = cost.seconds, cost.peak_bytes
+        if row == "torchfunc:nvp":
+            values = n * n * net.output_size * net.parameter_count
+            seconds, peak = values * TORCHFUNC_NVP_S_PER_VALUE, values * itemsize
+        if seconds * (repeats + 1) <= ROW_BUDGET_S and peak <= ROW_MEMORY_BYTES:
             break
         n = max(MIN_ROW_EXAMPLES, int(n * 0.8) // MIN_ROW_EXAMPLES * MIN_ROW_EXAMPLES)
     return n
