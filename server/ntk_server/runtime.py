@@ -261,7 +261,7 @@ class Runtime:
             preds = gradient_descent_mse(
                 torch.as_tensor(k_tt, device=self.device),
                 torch.as_tensor(k_st, device=self.device),
-                torch.as_tensor(np.asarray(y_train), device=self.device),
+                self._tensor(y_train, "float64"),
                 f0_train.detach(),
                 f0_test.detach(),
                 t,
