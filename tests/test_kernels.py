@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import CNN_SPEC, MLP_SPEC
-from reference import assert_kernel_close, reference_kernel
-
 from ntk_client import place_block
 from ntk_server.engine import METHODS, KernelComputer, Network, compute_kernel, plan_kernel
 from ntk_server.runtime import symmetrize
+from reference import assert_kernel_close, reference_kernel
 
 SPECS = {"mlp": MLP_SPEC, "cnn": CNN_SPEC}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -29,7 +28,7 @@ CASES = {
 BLOCK = 3  # not a divisor of 5, 7 or 8: every grid has ragged edges
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(spec_name: str, case: str):
     net = Network(SPECS[spec_name])
     params = net.init_params()

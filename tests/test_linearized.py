@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import CNN_SPEC, MLP_SPEC
-
 from ntk_server.engine import Network, compute_kernel, evaluate_linearized, gradient_descent_mse
 from ntk_server.errors import InvalidArgument
 

@@ -10,15 +10,13 @@ import pytest
 import torch
 from conftest import CNN_SPEC, MLP_SPEC
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from reference import assert_kernel_close, reference_kernel
-
 from ntk_client import Client, NTKError
 from ntk_client import spec as spec_codec
 from ntk_client._proto.ntk.v1 import kernel_pb2, model_pb2, service_pb2_grpc, tensor_pb2
-from ntk_client.safetensors_io import dump_safetensors
 from ntk_server.config import ServerConfig
 from ntk_server.engine import Network
 from ntk_server.server import BackgroundServer
+from reference import assert_kernel_close, reference_kernel
 
 
 def _net_params(spec):
