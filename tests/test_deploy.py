@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -555,6 +556,36 @@ def test_servicemonitor_is_optional_and_scrapes_the_metrics_port(manifests):
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     # alerts.yaml selects job="ntk"; the operator names the job after the Service.
     assert service["metadata"]["name"] == "ntk" and "jobLabel" not in monitor["spec"]
+
+
+def _readme_private_overlay() -> str:
+    """The private-overlay kustomization that deploy/README.md gives for replacing tokens."""
+    readme = (DEPLOY_DIR / "README.md").read_text()
+    section = readme.split("### Replacing the token Secret", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block, "deploy/README.md lost the private overlay example"
+    return block[1]
+
+
+def test_readme_private_overlay_replaces_the_example_token(tmp_path):
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S_DIR, copy)
+    local = copy / "local" / "lab"
+    local.mkdir(parents=True)
+    tokens = f"alice:{secrets.token_urlsafe(32)}\n"
+    (local / "tokens").write_text(tokens)
+    kustomization = _readme_private_overlay()
+    (local / "kustomization.yaml").write_text(kustomization)
+
+    objects = _render(local)
+    secret = _one(objects, "Secret")
+    deployment = _one(objects, "Deployment")
+    _, volume = _volume_at(deployment, "/etc/ntk/tokens")
+    image = yaml.safe_load(kustomization)["images"][0]
+
+    assert base64.b64decode(secret["data"]["tokens"]).decode() == tokens
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert _server(deployment)["image"] == f"{image['newName']}:{image['newTag']}"
 
 
 # ---- Prometheus rules and Grafana dashboard ----------------------------------------------
