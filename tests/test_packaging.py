@@ -124,3 +124,49 @@ def test_bad_flag_exits_with_a_message(tmp_path):
         env={**os.environ},
     )
     assert result.returncode == 2 and "log_format" in result.stderr
+
+
+def test_wheel_ships_the_stubs_and_imports_from_the_installed_files(tmp_path):
+    import zipfile
+
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("ntk_service-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for required in (
+        "ntk_client/_proto/ntk/v1/service_pb2_grpc.py",
+        "ntk_client/py.typed",
+        "ntk_server/engine/kernels.py",
+    ):
+        assert required in names
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    check = (
+        "import ntk_client, ntk_client._proto.ntk.v1.service_pb2_grpc as s;"
+        "print(ntk_client.__file__); assert s.NTKServiceStub"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(tmp_path / "site"))
