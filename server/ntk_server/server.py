@@ -30,7 +30,7 @@ SERVICE = service_pb2.DESCRIPTOR.services_by_name["NTKService"]
 SERVICE_NAME = SERVICE.full_name
 
 
-def _load_tokens(config: ServerConfig) -> auth.TokenTable | None:
+def access_tokens(config: ServerConfig) -> auth.TokenTable | None:
     """The token table, or None when authentication is off; refuses unsafe combinations."""
     check_security(config)
     tokens = None
@@ -58,7 +58,7 @@ class Server:
         self.device = resolve_device(config.device)
         torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
         torch.backends.cudnn.allow_tf32 = config.allow_tf32
-        self.tokens = _load_tokens(config)
+        self.tokens = access_tokens(config)
         self.registry = Registry(config.registry)
         self.scheduler = Scheduler(config.queue_limit)
         self.metrics = None
