@@ -19,7 +19,7 @@ from ntk_server.cli import JsonFormatter
 from ntk_server.config import ServerConfig
 from ntk_server.server import BackgroundServer
 from prometheus_client.parser import text_string_to_metric_families
-from scrape import assert_status, health_status, scrape, scrape_text, value
+from scrape import assert_status, health_status, scrape, scrape_text, value, wait_for
 
 # Label names a series may carry: bounded by the service's methods, the gRPC codes, histogram
 # buckets and the build.
@@ -226,3 +226,20 @@ def test_one_log_line_per_request_with_json_fields(tmp_path, caplog, rng):
     text = "\n".join(JsonFormatter().format(r) for r in caplog.records)
     assert secret not in text and secret not in caplog.text
     assert max(len(r.getMessage()) for r in caplog.records) < 1000
+
+
+def test_a_deadline_is_counted_and_frees_the_request(server, client, rng):
+    model = client.register_model(MLP_SPEC)
+    x = rng.standard_normal((3000, 6))  # many blocks: far longer than the deadline
+    with pytest.raises(NTKError) as info:
+        client.kernel(model, x, layout="full", block_shape=(16, 16), timeout=1.0)
+    assert_status(info, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def recorded():
+        samples = scrape(server.metrics_address)
+        done = value(
+            samples, "ntk_requests_total", method="ComputeKernel", code="DEADLINE_EXCEEDED"
+        )
+        return done == 1 and value(samples, "ntk_inflight_requests") == 0
+
+    wait_for(recorded, "the expired ComputeKernel to be counted and leave the in-flight gauge")

@@ -152,8 +152,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             response = await behavior(argument, context)
         if self.ownership is not None and call.method == "ListModels":
             response = await self.ownership.filter(call.principal, response)
-        call.responses = 1
-        call.response_bytes = response.ByteSize()
+        if response is not None:  # None: the servicer set a status without a message
+            call.responses = 1
+            call.response_bytes = response.ByteSize()
         return response
 
     def _finish(self, call: _Call, code: grpc.StatusCode) -> None:
@@ -191,8 +192,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behavior = _behavior(handler)
-        if handler.response_streaming and not inspect.isasyncgenfunction(behavior):
-            return handler  # a coroutine writing with context.write(); none in NTKService
+        # A streaming method written as a coroutine that calls context.write() (none in
+        # NTKService today) still passes admission and is counted, though its bytes are not.
+        streaming = handler.response_streaming and inspect.isasyncgenfunction(behavior)
 
         async def unary_response(request_or_iterator, context):
             call = _Call(method, context.peer(), time.perf_counter())
@@ -228,7 +230,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(call, _code_of(exc, context))
                 raise
 
-        return _handler(handler, stream_response if handler.response_streaming else unary_response)
+        return _handler(handler, stream_response if streaming else unary_response)
 
 
 class _RecordingContext:
@@ -284,5 +286,9 @@ def _code_of(exc: BaseException, context) -> grpc.StatusCode:
     if isinstance(exc, grpc.aio.AbortError):
         return _code(context.code()) or grpc.StatusCode.UNKNOWN
     if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+        # gRPC cancels the handler both when the client goes away and when its deadline passes.
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN  # what grpc answers for an exception it did not expect
