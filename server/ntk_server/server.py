@@ -120,7 +120,12 @@ class Server:
                     f"could not serve metrics on {host}:{config.metrics_port}: {exc.strerror}"
                 ) from None
             self.metrics_address = f"{host}:{metrics_port}"
-        await self._server.start()
+        try:
+            await self._server.start()
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.close()
+            raise
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.port_file:
