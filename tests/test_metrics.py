@@ -235,11 +235,34 @@ def test_a_deadline_is_counted_and_frees_the_request(server, client, rng):
         client.kernel(model, x, layout="full", block_shape=(16, 16), timeout=1.0)
     assert_status(info, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
-    def recorded():
+    def ended_early():
+        # The server sees the cancel the client's timer sends; see interceptors._code_of.
         samples = scrape(server.metrics_address)
-        done = value(
-            samples, "ntk_requests_total", method="ComputeKernel", code="DEADLINE_EXCEEDED"
+        codes = ("DEADLINE_EXCEEDED", "CANCELLED")
+        return sum(
+            value(samples, "ntk_requests_total", method="ComputeKernel", code=c) for c in codes
         )
-        return done == 1 and value(samples, "ntk_inflight_requests") == 0
 
-    wait_for(recorded, "the expired ComputeKernel to be counted and leave the in-flight gauge")
+    wait_for(lambda: ended_early() == 1, "the expired ComputeKernel to be counted")
+    assert value(scrape(server.metrics_address), "ntk_inflight_requests") == 0
+
+
+@pytest.mark.parametrize(
+    ("remaining_s", "code"),
+    [
+        (None, "CANCELLED"),
+        (30.0, "CANCELLED"),
+        (0.01, "DEADLINE_EXCEEDED"),
+        (-1, "DEADLINE_EXCEEDED"),
+    ],
+)
+def test_a_cancelled_handler_is_a_deadline_only_near_its_deadline(remaining_s, code):
+    import asyncio
+
+    from ntk_server.interceptors import _code_of
+
+    class Context:
+        def time_remaining(self):
+            return remaining_s
+
+    assert _code_of(asyncio.CancelledError(), Context()).name == code

@@ -29,6 +29,8 @@ from ntk_server.service import status_for
 
 log = logging.getLogger(__name__)
 
+DEADLINE_SLACK_S = 0.25
+
 _KINDS = {
     (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
     (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
@@ -286,9 +288,11 @@ def _code_of(exc: BaseException, context) -> grpc.StatusCode:
     if isinstance(exc, grpc.aio.AbortError):
         return _code(context.code()) or grpc.StatusCode.UNKNOWN
     if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
-        # gRPC cancels the handler both when the client goes away and when its deadline passes.
+        # gRPC cancels the handler both when the client goes away and when the deadline passes.
+        # The client's timer usually fires first (the server's deadline also counts the request's
+        # time in transit), so a cancel just before the deadline is the client's deadline.
         remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if remaining is not None and remaining <= DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN  # what grpc answers for an exception it did not expect
