@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from ntk_client._proto.ntk.v1 import (
     service_pb2_grpc,
 )
 from ntk_client.safetensors_io import dump_safetensors
+from ntk_client.transport import open_channel
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 LAYOUTS = {"full": kernel_pb2.FULL, "trace": kernel_pb2.TRACE, "diagonal": kernel_pb2.DIAGONAL}
@@ -184,6 +186,9 @@ class Client:
       max_message_bytes: the largest message this client accepts; the server sizes kernel blocks
         to fit it.
       timeout: default deadline in seconds for unary calls (None: no deadline).
+      token: bearer token sent with every call (None: the NTK_TOKEN environment variable).
+      tls, tls_ca, tls_cert, tls_key, tls_server_name: TLS and mutual TLS, see
+        ntk_client.transport.open_channel.
     """
 
     def __init__(
@@ -193,16 +198,29 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         timeout: float | None = None,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | os.PathLike | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+        tls_server_name: str | None = None,
     ):
         self.target = target
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(
+        self._channel = open_channel(
             target,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
             ],
+            token=token,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+            channel=channel,
         )
         self._stub = service_pb2_grpc.NTKServiceStub(self._channel)
 

@@ -11,7 +11,11 @@ from ntk_server.config import ServerConfig, load_config
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+    """One JSON object per line: time, level, logger, message (and the exception, if any).
+
+    A record logged with `extra={"fields": {...}}` (the per-request line) adds those keys, so
+    log pipelines can filter on method, code or seconds without parsing the message.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -20,6 +24,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update({k: v for k, v in fields.items() if k not in entry})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -3,13 +3,16 @@
 Layout under the registry root:
   models/<id>/model.json             spec, shapes, parameter names, creation time
   models/<id>/weights.safetensors    initial weights (float64 for seeded models)
+  models/<id>/owners/<name>          one empty file per token name that registered the model
   datasets/<id>/dataset.json, x.npy, y.npy
   tmp/                               staging; an entry appears under models/ or datasets/ only by
                                      one rename of a complete, fsynced directory
 
 A process killed mid-write leaves at most a staging directory in tmp/, never a half entry.
 Several servers may share one root: the id is the hash of the content, so two writers of the
-same model race to rename identical directories and the loser discards its copy.
+same model race to rename identical directories and the loser discards its copy. Ownership claims
+are files of their own rather than a list in model.json, so two replicas adding owners to one
+model at once never lose either claim.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ntk_server.errors import InvalidArgument, NotFound, short
 log = logging.getLogger(__name__)
 
 ID_HEX_CHARS = 32
+OWNERS_DIR = "owners"
 STALE_STAGING_S = 3600.0
 _ID_CHARS = set("0123456789abcdef")
 
@@ -86,6 +90,12 @@ def content_id(spec: Mapping, params: Mapping[str, torch.Tensor]) -> str:
         h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:ID_HEX_CHARS]
+
+
+def _check_owner(name: str) -> None:
+    # Owner names are file names; auth.py allows only safe ones, this guards other callers.
+    if not name or name.startswith(".") or "/" in name or "\0" in name:
+        raise ValueError(f"owner name {name!r} is not a safe file name")
 
 
 def check_id(value: str, field: str) -> str:
@@ -150,9 +160,15 @@ class Registry:
     # Models -------------------------------------------------------------------------------
 
     def register_model(
-        self, spec: dict, weights: Mapping[str, torch.Tensor] | None = None
+        self,
+        spec: dict,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        owner: str | None = None,
     ) -> tuple[ModelRecord, bool]:
-        """Validate, hash and store a model; returns (record, created)."""
+        """Validate, hash and store a model; returns (record, created).
+
+        owner: a token name to record as one of the model's owners (also when it existed).
+        """
         spec = canonical_spec(spec)
         net = Network(spec)
         if weights is None:
@@ -163,6 +179,8 @@ class Registry:
         model_id = content_id(spec, params)
         final = self.models_dir / model_id
         if final.exists():
+            if owner:
+                self.claim_model(model_id, owner)
             return self.get_model(model_id), False
 
         record = ModelRecord(
@@ -180,13 +198,52 @@ class Registry:
             with open(staged / "weights.safetensors", "rb+") as f:
                 os.fsync(f.fileno())
             _write_file(staged / "model.json", json.dumps(_record_json(record), indent=1).encode())
+            if owner:
+                _check_owner(owner)
+                (staged / OWNERS_DIR).mkdir()
+                _write_file(staged / OWNERS_DIR / owner, b"")
             created = self._publish(staged, final)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
         if created:
             log.info("model registered id=%s parameters=%d", model_id, net.parameter_count)
+        elif owner:
+            self.claim_model(model_id, owner)
         return (record if created else self.get_model(model_id)), created
+
+    def model_owners(self, model_id: str) -> frozenset[str]:
+        """Token names that registered a model; empty when unowned or unknown."""
+        folder = self.models_dir / check_id(model_id, "model_id") / OWNERS_DIR
+        try:
+            return frozenset(os.listdir(folder))
+        except FileNotFoundError:
+            return frozenset()
+
+    def claim_model(self, model_id: str, owner: str) -> None:
+        """Add an owner to an existing model."""
+        _check_owner(owner)
+        folder = self.models_dir / check_id(model_id, "model_id") / OWNERS_DIR
+        try:
+            # No parents=True: a model deleted meanwhile must not reappear as a bare directory.
+            folder.mkdir(exist_ok=True)
+            _write_file(folder / owner, b"")
+        except FileNotFoundError:
+            raise NotFound(f"no model with id {model_id!r}", field="model_id") from None
+        _fsync_dir(folder)
+
+    def release_model(self, model_id: str, owner: str) -> frozenset[str]:
+        """Remove one owner's claim; returns the owners left."""
+        _check_owner(owner)
+        folder = self.models_dir / check_id(model_id, "model_id") / OWNERS_DIR
+        try:
+            (folder / owner).unlink()
+        except FileNotFoundError:
+            pass
+        else:
+            _fsync_dir(folder)
+            log.info("model claim released id=%s owner=%s", model_id, owner)
+        return self.model_owners(model_id)
 
     def get_model(self, model_id: str, field: str = "model_id") -> ModelRecord:
         path = self.models_dir / check_id(model_id, field) / "model.json"
@@ -219,6 +276,9 @@ class Registry:
             except NotFound:
                 continue  # deleted meanwhile
         return sorted(out, key=lambda r: (r.created_at, r.id))
+
+    def count_models(self) -> int:
+        return sum(1 for _ in os.scandir(self.models_dir))
 
     def delete_model(self, model_id: str) -> None:
         self._delete(self.models_dir, model_id, "model")

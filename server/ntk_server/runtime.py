@@ -10,13 +10,14 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from ntk_client.client import place_block
 
+from ntk_server import auth
 from ntk_server.engine import KernelComputer, Network, plan_kernel
 from ntk_server.engine.blocks import Block, KernelPlan
 from ntk_server.engine.cost import choose_method
@@ -78,10 +79,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Runtime:
-    def __init__(self, registry: Registry, scheduler: Scheduler, device: torch.device):
+    def __init__(
+        self,
+        registry: Registry,
+        scheduler: Scheduler,
+        device: torch.device,
+        on_block: Callable[[int], None] | None = None,
+    ):
+        """on_block(entries) is called once per computed kernel block (metrics)."""
         self.registry = registry
         self.scheduler = scheduler
         self.device = device
+        self.on_block = on_block
         self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -154,6 +163,7 @@ class Runtime:
             block_cols=job.block_cols,
             indices=list(job.block_indices),
         )
+        auth.check_kernel_entries(sum(plan.entries(b) for b in plan.blocks))
         method, reason = job.method, "requested"
         if method == "auto":
             method, reason = choose_method(
@@ -199,6 +209,8 @@ class Runtime:
                     block.cols,
                     time.perf_counter() - start,
                 )
+                if self.on_block is not None:
+                    self.on_block(plan.entries(block))
                 yield block, values
         finally:
             computer.release()

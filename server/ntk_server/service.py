@@ -23,8 +23,15 @@ from ntk_client._proto.ntk.v1 import (
     service_pb2_grpc,
 )
 
-from ntk_server import datasets
-from ntk_server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ntk_server import auth, datasets
+from ntk_server.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from ntk_server.registry import ModelRecord, Registry, parse_safetensors
 from ntk_server.runtime import KernelJob, Runtime
 
@@ -36,6 +43,8 @@ STATUS_OF = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 LAYOUT_NAMES = {
     kernel_pb2.LAYOUT_UNSPECIFIED: "trace",
@@ -56,7 +65,7 @@ DTYPE_NAMES = {0: "float32", 1: "float32", 2: "float64"}
 DEFAULT_CLIENT_MESSAGE_BYTES = 4 << 20
 
 
-def _status_for(exc: BaseException) -> grpc.StatusCode | None:
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
             return STATUS_OF[cls]
@@ -74,7 +83,7 @@ def handle_errors(method):
     """Turn typed errors into status codes; anything else is INTERNAL, logged once here."""
 
     async def _abort(context, exc):
-        code = _status_for(exc)
+        code = status_for(exc)
         if code is None:
             request_id = uuid.uuid4().hex[:12]
             log.exception("internal error in %s request_id=%s", method.__name__, request_id)
@@ -142,7 +151,9 @@ class NTKServicer(service_pb2_grpc.NTKServiceServicer):
     async def RegisterModel(self, request, context):
         spec = spec_from_proto(request.spec)
         weights = parse_safetensors(request.safetensors) if request.safetensors else None
-        record, created = await asyncio.to_thread(self.registry.register_model, spec, weights)
+        record, created = await asyncio.to_thread(
+            self.registry.register_model, spec, weights, auth.current_owner()
+        )
         return model_pb2.RegisterModelResponse(model=model_to_proto(record), created=created)
 
     @handle_errors
