@@ -21,11 +21,10 @@ import time
 from contextlib import ExitStack
 
 import numpy as np
+from ntk_client import Client
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-
-from ntk_client import Client
 
 MIN_MLP_ACCURACY = 0.95
 FINITE_TIMES = (10.0, 100.0, 1000.0)
@@ -198,9 +197,7 @@ def main(argv=None) -> int:
             print(f"{r['model']:28} {r['parameters']:>10,} {r['kernel_s']:>9.2f} {accs}")
 
         widths = [int(w) for w in args.widths.split(",")]
-        gaps = width_gap(
-            client, data, widths, args.gap_examples, args.steps, args.learning_rate
-        )
+        gaps = width_gap(client, data, widths, args.gap_examples, args.steps, args.learning_rate)
         print()
         print(
             f"trained network vs linearised prediction, NTK-parameterised MLP, "
@@ -213,9 +210,13 @@ def main(argv=None) -> int:
 
     mlp_acc = rows[0]["accuracy"][math.inf]
     ok = mlp_acc >= MIN_MLP_ACCURACY
-    shrinks = all(a["relative_gap"] > b["relative_gap"] for a, b in zip(gaps, gaps[1:]))
+    shrinks = all(
+        a["relative_gap"] > b["relative_gap"] for a, b in zip(gaps, gaps[1:], strict=False)
+    )
     print()
-    print(f"MLP test accuracy at t=inf {mlp_acc:.4f} (>= {MIN_MLP_ACCURACY}: {'yes' if ok else 'NO'})")
+    print(
+        f"MLP test accuracy at t=inf {mlp_acc:.4f} (>= {MIN_MLP_ACCURACY}: {'yes' if ok else 'NO'})"
+    )
     print(f"linearisation gap shrinks with width: {'yes' if shrinks else 'NO'}")
     return 0 if ok and shrinks else 1
 
