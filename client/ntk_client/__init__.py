@@ -1,3 +1,29 @@
-"""ntk_client: a thin client for the NTK kernel service (numpy and grpcio only)."""
+"""ntk_client: a thin client for the NTK kernel service (numpy and grpcio only).
+
+from ntk_client import Client
+with Client("127.0.0.1:50051") as client:
+    model = client.register_model(spec)
+    k = client.kernel(model, x_train)            # (N, N), trace layout
+"""
+
+from ntk_client.client import (
+    Client,
+    KernelBlock,
+    KernelStream,
+    ModelInfo,
+    NTKError,
+    Predictions,
+    place_block,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "KernelBlock",
+    "KernelStream",
+    "ModelInfo",
+    "NTKError",
+    "Predictions",
+    "place_block",
+]

@@ -30,6 +30,14 @@ class ResourceExhausted(ServiceError):
     """Over a size, memory, queue or quota limit; the message names the limit."""
 
 
+class Unauthenticated(ServiceError):
+    """No bearer token, a malformed one, or one the server does not know."""
+
+
+class PermissionDenied(ServiceError):
+    """A known token whose role does not allow the method."""
+
+
 class Unavailable(ServiceError):
     """The server is draining or a dependency is not ready."""
 

@@ -304,19 +304,32 @@ def estimate_flops(net: Network, method: str, n1: int, n2: int | None, layout: s
     return method_costs(net, n1, n2, layout, kw.pop("dtype_itemsize", 4), **kw)[method].flops
 
 
+def jacobian_bytes(net: Network, examples: int, itemsize: int) -> int:
+    """Bytes of the per-example Jacobians of `examples` examples: (n, O, P)."""
+    return examples * net.output_size * net.parameter_count * itemsize
+
+
 def estimate_memory_bytes(
     net: Network,
     method: str,
-    n1: int,
-    n2: int | None,
-    layout: str,
-    dtype_itemsize: int,
+    n1: int | str,
+    n2: int | None = None,
+    layout: str | int | None = None,
+    dtype_itemsize: int | None = None,
     block_rows: int = 0,
     block_cols: int = 0,
     batch_diagonal: bool = False,
     cache_bytes: int | None = None,
 ) -> int:
-    """Estimated peak bytes of a request with `method` ("auto" resolved first) on its device."""
+    """Estimated peak bytes of a request with `method` ("auto" resolved first) on its device.
+
+    n2 None means the Gram of x1. The block-only form of the first version,
+    estimate_memory_bytes(net, method, layout, itemsize, block_rows, block_cols), is still
+    accepted and gives the peak of one block_rows x block_cols block.
+    """
+    if isinstance(n1, str):
+        layout, itemsize, rows, cols = n1, n2, layout, dtype_itemsize
+        n1, n2, dtype_itemsize, block_rows, block_cols = rows, cols, itemsize, rows, cols
     if method == AUTO:
         method, _ = choose_method(
             net, n1, n2, layout, dtype_itemsize, block_rows, block_cols, batch_diagonal

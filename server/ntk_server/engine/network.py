@@ -380,3 +380,57 @@ class Network:
     def apply_one(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """f for a single example: x (*input_shape) -> (O,). For vmap."""
         return self.apply(params, x.unsqueeze(0)).squeeze(0)
+
+
+def _canonical_layer(layer: Mapping) -> dict:
+    kind = layer["type"]
+    if kind in ("conv", "conv1d", "conv2d"):
+        ndim = len(layer["kernel_size"])
+        return {
+            "type": "conv",
+            "channels": int(layer["channels"]),
+            "kernel_size": [int(k) for k in layer["kernel_size"]],
+            "stride": [int(s) for s in (layer.get("stride") or [1] * ndim)],
+            "padding": [int(p) for p in (layer.get("padding") or [0] * ndim)],
+            "bias": bool(layer.get("bias", True)),
+        }
+    if kind == "dense":
+        return {
+            "type": "dense",
+            "width": int(layer["width"]),
+            "bias": bool(layer.get("bias", True)),
+        }
+    if kind == "leaky_relu":
+        slope = float(layer.get("negative_slope", DEFAULT_LEAKY_SLOPE))
+        return {"type": kind, "negative_slope": slope}
+    if kind == "avg_pool":
+        window = [int(w) for w in layer["window"]]
+        return {
+            "type": kind,
+            "window": window,
+            "stride": [int(s) for s in (layer.get("stride") or window)],
+        }
+    if kind == "layer_norm":
+        return {"type": kind, "eps": float(layer.get("eps", DEFAULT_LAYER_NORM_EPS))}
+    if kind == "residual":
+        return {"type": kind, "layers": [_canonical_layer(x) for x in layer.get("layers", [])]}
+    return {"type": kind}
+
+
+def canonical_spec(spec: Mapping) -> dict:
+    """The spec with every default written out, so equal networks have equal specs.
+
+    Validates by building the network first.
+    """
+    Network(spec)
+    init = spec.get("init", {}) or {}
+    return {
+        "input_shape": [int(s) for s in spec["input_shape"]],
+        "layers": [_canonical_layer(layer) for layer in spec["layers"]],
+        "parameterization": spec.get("parameterization", "standard"),
+        "init": {
+            "seed": int(init.get("seed", 0)),
+            "sigma_w": float(init.get("sigma_w", DEFAULT_SIGMA_W)),
+            "sigma_b": float(init.get("sigma_b", DEFAULT_SIGMA_B)),
+        },
+    }

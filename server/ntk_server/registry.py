@@ -1,0 +1,357 @@
+"""Models and datasets on disk, content-addressed and written atomically.
+
+Layout under the registry root:
+  models/<id>/model.json             spec, shapes, parameter names, creation time
+  models/<id>/weights.safetensors    initial weights (float64 for seeded models)
+  models/<id>/owners/<name>          one empty file per token name that registered the model
+  datasets/<id>/dataset.json, x.npy, y.npy
+  tmp/                               staging; an entry appears under models/ or datasets/ only by
+                                     one rename of a complete, fsynced directory
+
+A process killed mid-write leaves at most a staging directory in tmp/, never a half entry.
+Several servers may share one root: the id is the hash of the content, so two writers of the
+same model race to rename identical directories and the loser discards its copy. Ownership claims
+are files of their own rather than a list in model.json, so two replicas adding owners to one
+model at once never lose either claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file, save_file
+
+from ntk_server.engine.network import Network, canonical_spec
+from ntk_server.errors import InvalidArgument, NotFound, short
+
+log = logging.getLogger(__name__)
+
+ID_HEX_CHARS = 32
+OWNERS_DIR = "owners"
+STALE_STAGING_S = 3600.0
+_ID_CHARS = set("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    id: str
+    spec: dict
+    parameter_count: int
+    input_shape: tuple[int, ...]
+    output_size: int
+    parameters: tuple[tuple[str, tuple[int, ...]], ...]
+    created_at: str
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    id: str
+    dtype: str
+    x_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+    size_bytes: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def content_id(spec: Mapping, params: Mapping[str, torch.Tensor]) -> str:
+    """Hash of the canonical spec and every parameter's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(params):
+        t = params[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:ID_HEX_CHARS]
+
+
+def _check_owner(name: str) -> None:
+    # Owner names are file names; auth.py allows only safe ones, this guards other callers.
+    if not name or name.startswith(".") or "/" in name or "\0" in name:
+        raise ValueError(f"owner name {name!r} is not a safe file name")
+
+
+def check_id(value: str, field: str) -> str:
+    if len(value) != ID_HEX_CHARS or not set(value) <= _ID_CHARS:
+        raise NotFound(f"no such id {short(value)}", field=field, value=value)
+    return value
+
+
+def parse_safetensors(data: bytes, field: str = "safetensors") -> dict[str, torch.Tensor]:
+    """Decode uploaded weights; only float32 and float64 tensors are accepted."""
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises several types for malformed input
+        raise InvalidArgument(f"not a valid safetensors file ({exc})", field=field) from None
+    for name, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.float64):
+            raise InvalidArgument(
+                f"dtype {t.dtype} is not float32 or float64", field=f"{field}[{name!r}]"
+            )
+    return tensors
+
+
+class Registry:
+    """The on-disk store. Methods are safe to call from several threads and processes."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.models_dir = self.root / "models"
+        self.datasets_dir = self.root / "datasets"
+        self.tmp_dir = self.root / "tmp"
+        for d in (self.models_dir, self.datasets_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._clean_staging()
+
+    def _clean_staging(self) -> None:
+        # Other replicas may be writing into tmp/ right now: only old leftovers are removed.
+        now = time.time()
+        for entry in self.tmp_dir.iterdir():
+            try:
+                if now - entry.stat().st_mtime > STALE_STAGING_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+
+    def staging(self) -> Path:
+        """A fresh private directory under tmp/ for building an entry."""
+        return Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp_dir))
+
+    def _publish(self, staged: Path, final: Path) -> bool:
+        """Atomically move a complete staged directory into place; False if it already exists."""
+        _fsync_dir(staged)
+        try:
+            os.rename(staged, final)
+        except OSError:
+            if final.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+                return False
+            raise
+        _fsync_dir(final.parent)
+        return True
+
+    # Models -------------------------------------------------------------------------------
+
+    def register_model(
+        self,
+        spec: dict,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        owner: str | None = None,
+    ) -> tuple[ModelRecord, bool]:
+        """Validate, hash and store a model; returns (record, created).
+
+        owner: a token name to record as one of the model's owners (also when it existed).
+        """
+        spec = canonical_spec(spec)
+        net = Network(spec)
+        if weights is None:
+            params = net.init_params()
+        else:
+            net.check_params(weights, field="safetensors")
+            params = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        model_id = content_id(spec, params)
+        final = self.models_dir / model_id
+        if final.exists():
+            if owner:
+                self.claim_model(model_id, owner)
+            return self.get_model(model_id), False
+
+        record = ModelRecord(
+            id=model_id,
+            spec=spec,
+            parameter_count=net.parameter_count,
+            input_shape=net.input_shape,
+            output_size=net.output_size,
+            parameters=tuple((n, s) for n, s in net.param_shapes.items()),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        staged = self.staging()
+        try:
+            save_file(params, str(staged / "weights.safetensors"))
+            with open(staged / "weights.safetensors", "rb+") as f:
+                os.fsync(f.fileno())
+            _write_file(staged / "model.json", json.dumps(_record_json(record), indent=1).encode())
+            if owner:
+                _check_owner(owner)
+                (staged / OWNERS_DIR).mkdir()
+                _write_file(staged / OWNERS_DIR / owner, b"")
+            created = self._publish(staged, final)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        if created:
+            log.info("model registered id=%s parameters=%d", model_id, net.parameter_count)
+        elif owner:
+            self.claim_model(model_id, owner)
+        return (record if created else self.get_model(model_id)), created
+
+    def model_owners(self, model_id: str) -> frozenset[str]:
+        """Token names that registered a model; empty when unowned or unknown."""
+        folder = self.models_dir / check_id(model_id, "model_id") / OWNERS_DIR
+        try:
+            return frozenset(os.listdir(folder))
+        except FileNotFoundError:
+            return frozenset()
+
+    def claim_model(self, model_id: str, owner: str) -> None:
+        """Add an owner to an existing model."""
+        _check_owner(owner)
+        folder = self.models_dir / check_id(model_id, "model_id") / OWNERS_DIR
+        try:
+            # No parents=True: a model deleted meanwhile must not reappear as a bare directory.
+            folder.mkdir(exist_ok=True)
+            _write_file(folder / owner, b"")
+        except FileNotFoundError:
+            raise NotFound(f"no model with id {model_id!r}", field="model_id") from None
+        _fsync_dir(folder)
+
+    def release_model(self, model_id: str, owner: str) -> frozenset[str]:
+        """Remove one owner's claim; returns the owners left."""
+        _check_owner(owner)
+        folder = self.models_dir / check_id(model_id, "model_id") / OWNERS_DIR
+        try:
+            (folder / owner).unlink()
+        except FileNotFoundError:
+            pass
+        else:
+            _fsync_dir(folder)
+            log.info("model claim released id=%s owner=%s", model_id, owner)
+        return self.model_owners(model_id)
+
+    def get_model(self, model_id: str, field: str = "model_id") -> ModelRecord:
+        path = self.models_dir / check_id(model_id, field) / "model.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no model with id {model_id!r}", field=field, value=model_id) from None
+        return ModelRecord(
+            id=data["id"],
+            spec=data["spec"],
+            parameter_count=data["parameter_count"],
+            input_shape=tuple(data["input_shape"]),
+            output_size=data["output_size"],
+            parameters=tuple((n, tuple(s)) for n, s in data["parameters"]),
+            created_at=data["created_at"],
+        )
+
+    def load_weights(self, model_id: str) -> dict[str, torch.Tensor]:
+        path = self.models_dir / check_id(model_id, "model_id") / "weights.safetensors"
+        try:
+            return load_file(str(path))
+        except FileNotFoundError:
+            raise NotFound(f"no model with id {model_id!r}", field="model_id") from None
+
+    def list_models(self) -> list[ModelRecord]:
+        out = []
+        for entry in sorted(self.models_dir.iterdir()):
+            try:
+                out.append(self.get_model(entry.name))
+            except NotFound:
+                continue  # deleted meanwhile
+        return sorted(out, key=lambda r: (r.created_at, r.id))
+
+    def count_models(self) -> int:
+        return sum(1 for _ in os.scandir(self.models_dir))
+
+    def delete_model(self, model_id: str) -> None:
+        self._delete(self.models_dir, model_id, "model")
+
+    def _delete(self, parent: Path, entry_id: str, kind: str) -> None:
+        final = parent / check_id(entry_id, f"{kind}_id")
+        trash = self.tmp_dir / f"deleted-{uuid.uuid4().hex}"
+        try:
+            os.rename(final, trash)  # the entry disappears in one step
+        except FileNotFoundError:
+            raise NotFound(f"no {kind} with id {entry_id!r}", field=f"{kind}_id") from None
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("%s deleted id=%s", kind, entry_id)
+
+    # Datasets -----------------------------------------------------------------------------
+
+    def publish_dataset(
+        self, staged: Path, x_shape, y_shape, dtype: str
+    ) -> tuple[DatasetRecord, bool]:
+        """Hash a staged dataset (x.npy, optional y.npy) and move it into place."""
+        h = hashlib.sha256(f"{dtype}\0{list(x_shape)}\0{list(y_shape)}\0".encode())
+        size = 0
+        for name in ("x.npy", "y.npy"):
+            path = staged / name
+            if path.exists():
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                        size += len(chunk)
+        dataset_id = h.hexdigest()[:ID_HEX_CHARS]
+        record = DatasetRecord(dataset_id, dtype, tuple(x_shape), tuple(y_shape), size)
+        _write_file(staged / "dataset.json", json.dumps(record.__dict__).encode())
+        created = self._publish(staged, self.datasets_dir / dataset_id)
+        if created:
+            log.info("dataset stored id=%s x_shape=%s bytes=%d", dataset_id, list(x_shape), size)
+        return record, created
+
+    def get_dataset(self, dataset_id: str, field: str = "dataset_id") -> DatasetRecord:
+        path = self.datasets_dir / check_id(dataset_id, field) / "dataset.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no dataset with id {dataset_id!r}", field=field) from None
+        return DatasetRecord(
+            data["id"],
+            data["dtype"],
+            tuple(data["x_shape"]),
+            tuple(data["y_shape"]),
+            data["size_bytes"],
+        )
+
+    def load_dataset(
+        self, dataset_id: str, field: str = "dataset_id"
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(x, y or None), memory-mapped read-only."""
+        record = self.get_dataset(dataset_id, field)
+        folder = self.datasets_dir / record.id
+        x = np.load(folder / "x.npy", mmap_mode="r")
+        y = np.load(folder / "y.npy", mmap_mode="r") if record.y_shape else None
+        return x, y
+
+    def iter_dataset_ids(self) -> Iterator[str]:
+        for entry in sorted(self.datasets_dir.iterdir()):
+            yield entry.name
+
+
+def _record_json(record: ModelRecord) -> dict:
+    return {
+        "id": record.id,
+        "spec": record.spec,
+        "parameter_count": record.parameter_count,
+        "input_shape": list(record.input_shape),
+        "output_size": record.output_size,
+        "parameters": [[n, list(s)] for n, s in record.parameters],
+        "created_at": record.created_at,
+    }

@@ -1,0 +1,327 @@
+"""Request-level work between the servicer and the engine: loaded models, input checks, block
+streams, predictions. Speaks numpy and torch, never protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from ntk_client.client import place_block
+
+from ntk_server import auth
+from ntk_server.engine import KernelComputer, Network, plan_kernel
+from ntk_server.engine.blocks import Block, KernelPlan
+from ntk_server.engine.cost import choose_method
+from ntk_server.engine.linearized import evaluate_linearized, gradient_descent_mse
+from ntk_server.errors import InvalidArgument
+from ntk_server.registry import ModelRecord, Registry
+from ntk_server.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LOADED_MODELS_MAX = 8
+KERNEL_CACHE_BYTES = 1 << 30
+MAX_EXAMPLES = 1 << 24
+
+
+@dataclass
+class LoadedModel:
+    record: ModelRecord
+    net: Network
+    params: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KernelJob:
+    model_id: str
+    x1: np.ndarray
+    x2: np.ndarray | None
+    layout: str = "trace"
+    method: str = "auto"
+    dtype: str = "float32"
+    batch_diagonal: bool = False
+    block_rows: int = 0
+    block_cols: int = 0
+    block_indices: tuple[int, ...] = ()
+    max_message_bytes: int = 4 << 20
+
+
+@dataclass
+class KernelRun:
+    """A planned kernel: the plan, the resolved method and why, and a block iterator."""
+
+    plan: KernelPlan
+    method: str
+    reason: str
+    blocks: AsyncIterator[tuple[Block, np.ndarray]] = field(repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+class Runtime:
+    def __init__(
+        self,
+        registry: Registry,
+        scheduler: Scheduler,
+        device: torch.device,
+        on_block: Callable[[int], None] | None = None,
+    ):
+        """on_block(entries) is called once per computed kernel block (metrics)."""
+        self.registry = registry
+        self.scheduler = scheduler
+        self.device = device
+        self.on_block = on_block
+        self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # Models -------------------------------------------------------------------------------
+
+    def _load(self, model_id: str, dtype: str) -> LoadedModel:
+        key = (model_id, dtype)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        record = self.registry.get_model(model_id)
+        net = Network(record.spec)
+        weights = self.registry.load_weights(model_id)
+        params = {k: v.to(device=self.device, dtype=DTYPES[dtype]) for k, v in weights.items()}
+        loaded = LoadedModel(record, net, params)
+        with self._lock:
+            self._models[key] = loaded
+            while len(self._models) > LOADED_MODELS_MAX:
+                self._models.popitem(last=False)
+        return loaded
+
+    async def model(self, model_id: str, dtype: str) -> LoadedModel:
+        return await asyncio.to_thread(self._load, model_id, dtype)
+
+    def forget(self, model_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._models if k[0] == model_id]:
+                del self._models[key]
+
+    def check_inputs(self, model: LoadedModel, x: np.ndarray, field: str) -> None:
+        want = model.net.input_shape
+        if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
+            raise InvalidArgument(
+                f"shape {list(x.shape)} does not match (N, *input_shape) = (N, "
+                f"{', '.join(map(str, want))})",
+                field=f"{field}.shape",
+                value=list(x.shape),
+            )
+        if x.shape[0] < 1:
+            raise InvalidArgument("needs at least one example, got N = 0", field=f"{field}.shape")
+        if x.shape[0] > MAX_EXAMPLES:
+            raise InvalidArgument(
+                f"N = {x.shape[0]} is over the limit of {MAX_EXAMPLES}", field=f"{field}.shape"
+            )
+
+    def _tensor(self, x: np.ndarray, dtype: str) -> torch.Tensor:
+        # A copy: inputs may be read-only views of request bytes or memory-mapped datasets.
+        return torch.tensor(np.asarray(x), dtype=DTYPES[dtype], device=self.device)
+
+    # Kernels ------------------------------------------------------------------------------
+
+    async def kernel(self, job: KernelJob) -> KernelRun:
+        """Validate and plan a kernel; blocks are computed as the iterator is consumed."""
+        model = await self.model(job.model_id, job.dtype)
+        self.check_inputs(model, job.x1, "x1")
+        if job.x2 is not None:
+            self.check_inputs(model, job.x2, "x2")
+        itemsize = torch.finfo(DTYPES[job.dtype]).bits // 8
+        n2 = None if job.x2 is None else job.x2.shape[0]
+        plan = plan_kernel(
+            job.x1.shape[0],
+            n2,
+            model.net.output_size,
+            job.layout,
+            itemsize,
+            job.max_message_bytes,
+            batch_diagonal=job.batch_diagonal,
+            block_rows=job.block_rows,
+            block_cols=job.block_cols,
+            indices=list(job.block_indices),
+        )
+        auth.check_kernel_entries(sum(plan.entries(b) for b in plan.blocks))
+        method, reason = job.method, "requested"
+        if method == "auto":
+            method, reason = choose_method(
+                model.net,
+                plan.n1,
+                plan.n2,
+                job.layout,
+                itemsize,
+                plan.block_rows,
+                plan.block_cols,
+                job.batch_diagonal,
+            )
+        computer = KernelComputer(model.net, model.params, method, job.layout, KERNEL_CACHE_BYTES)
+        return KernelRun(plan, method, reason, self._blocks(job, plan, computer))
+
+    async def _blocks(
+        self, job: KernelJob, plan: KernelPlan, computer: KernelComputer
+    ) -> AsyncIterator[tuple[Block, np.ndarray]]:
+        x1 = self._tensor(job.x1, job.dtype)
+        x2 = None if job.x2 is None else self._tensor(job.x2, job.dtype)
+
+        def compute(block: Block) -> np.ndarray:
+            r0, c0 = block.row_offset, block.col_offset
+            rows = x1[r0 : r0 + block.rows]
+            if plan.batch_diagonal:
+                out = computer.block(rows, None, ("x1", r0), batch_diagonal=True)
+            else:
+                other, name = (x1, "x1") if x2 is None else (x2, "x2")
+                cols = other[c0 : c0 + block.cols]
+                out = computer.block(rows, cols, ("x1", r0), (name, c0))
+                if plan.symmetric and r0 == c0:
+                    out = symmetrize(out)
+            return out.detach().cpu().numpy()
+
+        try:
+            for block in plan.blocks:
+                start = time.perf_counter()
+                values = await self.scheduler.run(compute, block)
+                log.debug(
+                    "block index=%d rows=%d cols=%d seconds=%.4f",
+                    block.index,
+                    block.rows,
+                    block.cols,
+                    time.perf_counter() - start,
+                )
+                if self.on_block is not None:
+                    self.on_block(plan.entries(block))
+                yield block, values
+        finally:
+            computer.release()
+
+    async def kernel_array(self, job: KernelJob) -> tuple[np.ndarray, str]:
+        """The whole kernel assembled in memory (for predictions); returns (K, method)."""
+        run = await self.kernel(job)
+        out = np.empty(run.plan.shape, dtype=job.dtype)
+        async for block, values in run.blocks:
+            place_block(out, block, values, run.plan.batch_diagonal)
+        return out, run.method
+
+    # Linearised predictions ----------------------------------------------------------------
+
+    async def predict(
+        self,
+        model_id: str,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        x_test: np.ndarray | None,
+        t: list[float],
+        *,
+        learning_rate: float,
+        diag_reg: float,
+        diag_reg_absolute: bool,
+        layout: str,
+        method: str,
+        dtype: str,
+    ) -> tuple[list[np.ndarray], np.ndarray, str]:
+        """([f_t(x_test) per t], f0(x_test), method); each (N_test, O) float64."""
+        model = await self.model(model_id, dtype)
+        self.check_inputs(model, x_train, "x_train")
+        if x_test is not None:
+            self.check_inputs(model, x_test, "x_test")
+        o = model.net.output_size
+        if y_train.shape != (x_train.shape[0], o):
+            raise InvalidArgument(
+                f"shape {list(y_train.shape)} must be (N, O) = ({x_train.shape[0]}, {o})",
+                field="y_train.shape",
+                value=list(y_train.shape),
+            )
+        if layout not in ("trace", "full"):
+            raise InvalidArgument(
+                f"must be TRACE or FULL for predictions, got {layout}", field="layout"
+            )
+        if not t:
+            t = [math.inf]
+        big = 1 << 62  # in-process assembly: no message limit applies
+        common = dict(layout=layout, method=method, dtype=dtype, max_message_bytes=big)
+        k_tt, used = await self.kernel_array(KernelJob(model_id, x_train, None, **common))
+        if x_test is None:
+            k_st, x_eval = k_tt, x_train
+        else:
+            k_st, _ = await self.kernel_array(KernelJob(model_id, x_test, x_train, **common))
+            x_eval = x_test
+
+        def solve():
+            f0_train = model.net.apply(model.params, self._tensor(x_train, dtype))
+            f0_test = model.net.apply(model.params, self._tensor(x_eval, dtype))
+            preds = gradient_descent_mse(
+                torch.as_tensor(k_tt, device=self.device),
+                torch.as_tensor(k_st, device=self.device),
+                self._tensor(y_train, "float64"),
+                f0_train.detach(),
+                f0_test.detach(),
+                t,
+                learning_rate=learning_rate,
+                diag_reg=diag_reg,
+                diag_reg_absolute=diag_reg_absolute,
+                layout=layout,
+            )
+            f0 = f0_test.detach().to(torch.float64).cpu().numpy()
+            return [p.cpu().numpy() for p in preds], f0
+
+        with torch.no_grad():
+            preds, f0 = await self.scheduler.run(solve)
+        return preds, f0, used
+
+    async def evaluate(
+        self, model_id: str, x: np.ndarray, dw: Mapping[str, np.ndarray], dtype: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(f(x; w0), f_lin(x; w0 + dw)), each (N, O)."""
+        model = await self.model(model_id, dtype)
+        self.check_inputs(model, x, "x")
+        shapes = model.net.param_shapes
+        for name, value in dw.items():
+            if name not in shapes:
+                raise InvalidArgument(
+                    f"unknown parameter {name!r}; parameters are {sorted(shapes)}",
+                    field=f"dw[{name!r}]",
+                )
+            if tuple(value.shape) != shapes[name]:
+                raise InvalidArgument(
+                    f"shape {list(value.shape)} does not match {list(shapes[name])}",
+                    field=f"dw[{name!r}].shape",
+                )
+
+        def run():
+            deltas = {k: self._tensor(v, dtype) for k, v in dw.items()}
+            f0, flin = evaluate_linearized(model.net, model.params, self._tensor(x, dtype), deltas)
+            return f0.cpu().numpy(), flin.cpu().numpy()
+
+        return await self.scheduler.run(run)
+
+
+def symmetrize(block: torch.Tensor) -> torch.Tensor:
+    """Average a diagonal block of a Gram matrix with its transpose, so K == K^T exactly.
+
+    The two triangles come from different reduction orders and may differ in the last bit.
+    """
+    swapped = block.transpose(0, 1)
+    if block.dim() == 4:  # full layout: K[j, i, b, a] pairs with K[i, j, a, b]
+        swapped = swapped.transpose(2, 3)
+    return 0.5 * (block + swapped)
