@@ -12,6 +12,7 @@ import argparse
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ IN_PROCESS_MESSAGE_BYTES = 1 << 40
 # Factor cache of one in-process request: every range of W1-W4 fits.
 IN_PROCESS_CACHE_BYTES = 4 << 30
 MATMUL_SIZE = 2048
+SERVER_START_TIMEOUT_S = 60.0
+ROW_CALL_TIMEOUT_S = 600.0
 
 
 def _rss_bytes() -> int:
@@ -61,9 +64,69 @@ def engine_request(net, params, x, layout, method, device):
     return out, f"{method} ({reason})"
 
 
-def service_request(workdir: Path, n: int, repeats: int):
-    """The service end to end over gRPC on loopback; filled in once main has the service."""
-    raise NotImplementedError("the gRPC service is not on this branch yet")
+def _status_bytes(pid: int, field: str) -> int:
+    """VmRSS or VmHWM (peak resident) of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def service_request(workdir: Path, n: int, repeats: int, device: str) -> dict:
+    """The service end to end: a server process on 127.0.0.1, the client in this one.
+
+    Times client.kernel (upload of x, computing, streaming and placing every block) with the
+    server's own method choice (AUTO); peak memory is the server process's.
+    """
+    from ntk_client import Client
+
+    meta = json.loads((workdir / "workload.json").read_text())
+    x = np.load(workdir / "x.npy")[:n].astype(meta["dtype"])
+    port_file = workdir / "service.port"
+    port_file.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ntk_server", "--address", "127.0.0.1:0", "--registry",
+         str(workdir / "registry"), "--port-file", str(port_file), "--log-level", "WARNING",
+         "--device", device],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not port_file.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start (exit code {server.poll()})")
+            time.sleep(0.05)
+        with Client(port_file.read_text().strip(), timeout=ROW_CALL_TIMEOUT_S) as client:
+            # The server initialises from the spec's seed: the same weights as params.npz
+            # (seed 0), without uploading W4's 68 MB of float64 weights.
+            model = client.register_model(meta["spec"])
+
+            def call():
+                return client.kernel(model, x, layout=meta["layout"], dtype=meta["dtype"])
+
+            stream = client.kernel_blocks(model, x, layout=meta["layout"], dtype=meta["dtype"])
+            note = f"{stream.method} ({stream.header.method_reason})"
+            stream.cancel()
+            kernel = call()  # warm-up
+            baseline = _status_bytes(server.pid, "VmRSS")
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            peak = _status_bytes(server.pid, "VmHWM") - baseline
+    finally:
+        server.terminate()
+        server.wait(timeout=SERVER_START_TIMEOUT_S)
+    path = workdir / f"kernel-service-{n}.npy"
+    np.save(path, kernel.astype(np.float64))
+    return {
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_bytes": max(0, peak),
+        "n": n,
+        "kernel": str(path),
+        "note": note,
+    }
 
 
 def _sync(device: str) -> None:
@@ -115,7 +178,7 @@ def main() -> None:
                     return peer(net.module, pdict, x, None, layout), ""
 
         elif kind == "service":
-            result = service_request(args.workdir, args.n, args.repeats)
+            result = service_request(args.workdir, args.n, args.repeats, device)
             print(json.dumps(result))
             return
         else:

@@ -32,7 +32,11 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from ntk_server.engine import Network, compute_kernel  # noqa: E402
-from ntk_server.engine.cost import choose_method, method_costs  # noqa: E402
+from ntk_server.engine.cost import (  # noqa: E402
+    NOMINAL_FLOPS_PER_S,
+    choose_method,
+    method_costs,
+)
 from workloads import WORKLOADS, Workload, digits  # noqa: E402
 
 NT_PYTHON = ROOT / ".bench-env" / "bin" / "python"
@@ -40,7 +44,8 @@ NT_PYTHON = ROOT / ".bench-env" / "bin" / "python"
 ROW_BUDGET_S = 12.0
 ROW_MEMORY_BYTES = 6 << 30
 ROW_TIMEOUT_S = 600
-MIN_ROW_EXAMPLES = 8
+MIN_ROW_EXAMPLES = 2
+ROUND_EXAMPLES = 8
 QUICK_DIVISOR = 8
 # The tutorial's NTK-vector products hold a parameter-sized cotangent per pair of examples and
 # output, and their time follows those values (about 5 ns each, measured on this machine).
@@ -91,21 +96,28 @@ def prepare(w: Workload, n: int, workdir: Path) -> tuple[Network, dict]:
     return net, params
 
 
-def row_examples(net, w: Workload, n_full: int, row: str, auto_method: str, repeats: int) -> int:
-    """The largest n <= n_full whose estimated time and memory fit a row's budget."""
+def row_examples(
+    net, w: Workload, n_full: int, row: str, auto_method: str, repeats: int, rate_scale: float
+) -> int:
+    """The largest n <= n_full whose estimated time and memory fit a row's budget.
+
+    rate_scale: the measured matmul rate over the cost model's nominal rate.
+    """
     family = _family(row, auto_method)
     itemsize = 8 if w.dtype == "float64" else 4
     n = n_full
-    while n > MIN_ROW_EXAMPLES:
+    while True:
         cost = method_costs(net, n, None, w.layout, itemsize)[family]
         seconds, peak = cost.seconds, cost.peak_bytes
         if row == "torchfunc:nvp":
             values = n * n * net.output_size * net.parameter_count
             seconds, peak = values * TORCHFUNC_NVP_S_PER_VALUE, values * itemsize
-        if seconds * (repeats + 1) <= ROW_BUDGET_S and peak <= ROW_MEMORY_BYTES:
-            break
-        n = max(MIN_ROW_EXAMPLES, int(n * 0.8) // MIN_ROW_EXAMPLES * MIN_ROW_EXAMPLES)
-    return n
+        if seconds / rate_scale * (repeats + 1) <= ROW_BUDGET_S and peak <= ROW_MEMORY_BYTES:
+            return n
+        if n <= MIN_ROW_EXAMPLES:
+            # Time alone may overrun at the smallest n; memory may not.
+            return n if peak <= ROW_MEMORY_BYTES else 0
+        n = max(MIN_ROW_EXAMPLES, int(n * 0.8) // ROUND_EXAMPLES * ROUND_EXAMPLES)
 
 
 def run_row(row: str, workdir: Path, n: int, repeats: int, device: str) -> dict:
@@ -144,14 +156,19 @@ def nt_status() -> str | None:
 
 def bench_workload(name: str, args, matmul_rate: float, out_lines: list[str]) -> dict:
     w = WORKLOADS[name]
-    n_full = max(MIN_ROW_EXAMPLES, w.n // QUICK_DIVISOR) if args.quick else w.n
+    n_full = args.sizes.get(name, w.n)
+    n_full = max(ROUND_EXAMPLES, n_full // QUICK_DIVISOR) if args.quick else n_full
     itemsize = 8 if w.dtype == "float64" else 4
     with tempfile.TemporaryDirectory(prefix=f"ntk-bench-{name}-") as tmp:
         workdir = Path(tmp)
         net, params = prepare(w, n_full, workdir)
         auto_method, auto_reason = choose_method(net, n_full, None, w.layout, itemsize)
-        x = torch.from_numpy(np.load(workdir / "x.npy"))
+        # The float64 structured kernel on the bench's device is every row's reference.
+        x = torch.from_numpy(np.load(workdir / "x.npy")).to(args.device)
+        params = {k: v.to(args.device) for k, v in params.items()}
         reference = compute_kernel(net, params, x, None, layout=w.layout, method="structured")
+        reference = reference.cpu()
+        del x, params
 
         rows = [r for r in (*ENGINE_ROWS, *PEER_ROWS) if r not in args.skip]
         nt_skip = None if args.skip_nt else nt_status()
@@ -162,9 +179,13 @@ def bench_workload(name: str, args, matmul_rate: float, out_lines: list[str]) ->
         results = {}
         for row in rows:
             repeats = args.repeats
-            n = row_examples(net, w, n_full, row, auto_method, repeats)
+            rate_scale = matmul_rate * 1e9 / NOMINAL_FLOPS_PER_S
+            n = row_examples(net, w, n_full, row, auto_method, repeats, rate_scale)
             if n < n_full:
                 repeats = max(2, repeats // 2)
+            if n == 0:
+                results[row] = {"error": f"over the {ROW_MEMORY_BYTES >> 30} GiB row budget at n=2"}
+                continue
             res = run_row(row, workdir, n, repeats, args.device)
             if "kernel" in res:
                 got = np.load(res["kernel"])
@@ -229,7 +250,7 @@ def format_table(name, w, n_full, results, auto_reason, matmul_rate, nt_skip) ->
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workloads", default="W1,W1-f64,W2,W3,W4")
     ap.add_argument("--repeats", type=int, default=5)
@@ -237,9 +258,13 @@ def main() -> None:
     ap.add_argument("--skip-nt", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated rows to leave out")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", default="", help="N per workload, e.g. W1=4000,W4=8000")
     ap.add_argument("--markdown", type=Path, help="also write the tables to this file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.skip = set(filter(None, args.skip.split(",")))
+    args.sizes = {
+        k: int(v) for k, v in (item.split("=") for item in filter(None, args.sizes.split(",")))
+    }
     if args.quick:
         args.repeats = 2
 
@@ -248,9 +273,13 @@ def main() -> None:
         for dtype in ("float32", "float64"):
             res = run_row(f"matmul:{dtype}", Path(tmp), 0, args.repeats, args.device)
             rates[dtype] = res.get("gflops_per_s", math.nan)
+    device = args.device
+    if device.startswith("cuda"):
+        device = f"{device} ({torch.cuda.get_device_name()}, TF32 off)"
     header = (
+        f"command: python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\n"
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads, device {args.device}; load average at start {os.getloadavg()[0]:.2f}\n"
+        f"threads, device {device}; load average at start {os.getloadavg()[0]:.2f}\n"
         f"matmul rate (2048^3, median): float32 {rates['float32']:.1f} GFLOP/s, "
         f"float64 {rates['float64']:.1f} GFLOP/s\n"
     )
