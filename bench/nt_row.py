@@ -36,9 +36,15 @@ def main(implementation: int, workdir: Path, n: int, repeats: int) -> None:
 
     weights = np.load(workdir / "params.npz")
     layers = meta["param_layers"]  # [[weight name, bias name or null, kind, stride, padding]]
+    # Dense weights are stored (fan_in, width), the layout nt's own stax uses: a transpose or
+    # reshape of a parameter inside f hides its structure from STRUCTURED_DERIVATIVES (it
+    # then ran 150x slower on W1), which would make nt look worse than it is.
     params = [
-        (jnp.asarray(weights[w], dtype), None if b is None else jnp.asarray(weights[b], dtype))
-        for w, b, *_ in layers
+        (
+            jnp.asarray(weights[w] if kind == "conv" else weights[w].T, dtype),
+            None if b is None else jnp.asarray(weights[b], dtype),
+        )
+        for w, b, kind, *_ in layers
     ]
     x = jnp.asarray(np.load(workdir / "x.npy")[:n], dtype)
 
@@ -52,7 +58,8 @@ def main(implementation: int, workdir: Path, n: int, repeats: int) -> None:
                 )  # fmt: skip
                 h = h if b is None else h + b[None, :, None, None]
             else:
-                h = h.reshape(h.shape[0], -1) @ w.T
+                h = h.reshape(h.shape[0], -1) if h.ndim > 2 else h
+                h = h @ w
                 h = h if b is None else h + b
             if i < len(p) - 1:
                 h = jax.nn.relu(h)
