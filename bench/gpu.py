@@ -39,12 +39,11 @@ def main() -> None:
     # TF32 off here and in every row process (row.py), so float32 means float32.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    run.ROW_BUDGET_S = GPU_ROW_BUDGET_S
     sizes = TINY_SIZES if args.tiny else GPU_SIZES
     argv = [
         "--device", args.device, "--skip-nt", "--repeats", str(2 if args.tiny else GPU_REPEATS),
         "--workloads", ",".join(sizes), "--sizes", ",".join(f"{k}={v}" for k, v in sizes.items()),
-        "--markdown", str(args.markdown),
+        "--markdown", str(args.markdown), "--row-budget-s", str(GPU_ROW_BUDGET_S),
     ]  # fmt: skip
     run.main(argv)
 

@@ -251,6 +251,7 @@ def format_table(name, w, n_full, results, auto_reason, matmul_rate, nt_skip) ->
 
 
 def main(argv: list[str] | None = None) -> None:
+    global ROW_BUDGET_S
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workloads", default="W1,W1-f64,W2,W3,W4")
     ap.add_argument("--repeats", type=int, default=5)
@@ -259,8 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip", default="", help="comma-separated rows to leave out")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="", help="N per workload, e.g. W1=4000,W4=8000")
+    ap.add_argument(
+        "--row-budget-s", type=float, default=ROW_BUDGET_S, help="estimated seconds per row"
+    )
     ap.add_argument("--markdown", type=Path, help="also write the tables to this file")
     args = ap.parse_args(argv)
+    ROW_BUDGET_S = args.row_budget_s
     args.skip = set(filter(None, args.skip.split(",")))
     args.sizes = {
         k: int(v) for k, v in (item.split("=") for item in filter(None, args.sizes.split(",")))
