@@ -25,6 +25,7 @@ class ServerConfig:
     queue_limit: int = DEFAULT_QUEUE_LIMIT
     allow_tf32: bool = False
     port_file: Path | None = None
+    memory_budget_bytes: int = 0  # 0: a share of the device's memory (admission.py)
 
 
 # flag name -> (environment variable, type, help)
@@ -39,6 +40,11 @@ _OPTIONS = {
     "queue_limit": ("NTK_QUEUE_LIMIT", int, "device work items that may wait"),
     "allow_tf32": ("NTK_ALLOW_TF32", bool, "allow TF32 matmuls on Ampere+ GPUs (less precise)"),
     "port_file": ("NTK_PORT_FILE", Path, "write the bound address here once listening"),
+    "memory_budget_bytes": (
+        "NTK_MEMORY_BUDGET_BYTES",
+        int,
+        "device memory that admitted requests may use (0: 85%% of a GPU, 50%% of host RAM)",
+    ),
 }
 
 
@@ -83,4 +89,8 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> S
         raise ValueError(f"log_format must be text or json, got {config.log_format!r}")
     if config.max_message_bytes < 1 << 20:
         raise ValueError(f"max_message_bytes must be >= 1 MiB, got {config.max_message_bytes}")
+    if config.memory_budget_bytes < 0:
+        raise ValueError(f"memory_budget_bytes must be >= 0, got {config.memory_budget_bytes}")
+    if config.grace_period_s < 0:
+        raise ValueError(f"grace_period_s must be >= 0, got {config.grace_period_s}")
     return config
