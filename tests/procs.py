@@ -27,7 +27,14 @@ def child_env(**extra: str) -> dict:
 class ServerProcess:
     """`python -m ntk_server` on 127.0.0.1 (port 0 unless given) with its output in a file."""
 
-    def __init__(self, registry: Path, workdir: Path, *extra: str, address: str = "127.0.0.1:0"):
+    def __init__(
+        self,
+        registry: Path,
+        workdir: Path,
+        *extra: str,
+        address: str = "127.0.0.1:0",
+        env: dict | None = None,
+    ):
         self.registry, self.workdir = registry, workdir
         workdir.mkdir(parents=True, exist_ok=True)
         runs = len(list(workdir.glob("server-*.log")))
@@ -51,7 +58,7 @@ class ServerProcess:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=child_env(),
+            env=child_env(**(env or {})),
         )
         self.address: str | None = None
 
@@ -66,7 +73,8 @@ class ServerProcess:
         return self
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def kill(self) -> None:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import MLP_SPEC
+from conftest import MLP_SPEC, WIDE_SPEC
 from ntk_client import Client, NTKError, RetryPolicy, place_block
 from ntk_client._proto.ntk.v1 import kernel_pb2, service_pb2, service_pb2_grpc
 from ntk_client.codec import from_proto, to_proto
@@ -20,18 +20,6 @@ from ntk_server.server import BackgroundServer
 from procs import health
 from reference import assert_kernel_close, reference_kernel
 
-# Wide enough that a block of a few dozen examples takes the device tens of milliseconds.
-WIDE_SPEC = {
-    "input_shape": [6],
-    "layers": [
-        {"type": "dense", "width": 256},
-        {"type": "relu"},
-        {"type": "dense", "width": 256},
-        {"type": "relu"},
-        {"type": "dense", "width": 3},
-    ],
-    "init": {"seed": 3},
-}
 SETTLE_TIMEOUT_S = 60
 GRPC_DEFAULT_MESSAGE_BYTES = 4 << 20
 
