@@ -19,7 +19,7 @@ import torch
 from ntk_client.client import place_block
 
 from ntk_server.admission import Admission, Ticket
-from ntk_server.engine import KernelComputer, Network, plan_kernel
+from ntk_server.engine import METHODS, KernelComputer, Network, plan_kernel
 from ntk_server.engine.blocks import Block, KernelPlan
 from ntk_server.engine.cost import choose_method, estimate_memory_bytes
 from ntk_server.engine.linearized import evaluate_linearized, gradient_descent_mse
@@ -203,6 +203,12 @@ class Runtime:
             indices=list(job.block_indices),
         )
         method, reason = job.method, "requested"
+        if method != "auto" and method not in METHODS:
+            raise InvalidArgument(
+                f"{method} is not available on this server; use auto or one of {list(METHODS)}",
+                field="method",
+                value=method,
+            )
         if method == "auto":
             method, reason = choose_method(
                 model.net,
