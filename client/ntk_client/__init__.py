@@ -6,6 +6,7 @@ with Client("127.0.0.1:50051") as client:
     k = client.kernel(model, x_train)            # (N, N), trace layout
 """
 
+from ntk_client.assemble import RetryPolicy
 from ntk_client.client import (
     Client,
     KernelBlock,
@@ -25,5 +26,6 @@ __all__ = [
     "ModelInfo",
     "NTKError",
     "Predictions",
+    "RetryPolicy",
     "place_block",
 ]

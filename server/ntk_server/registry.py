@@ -9,6 +9,8 @@ Layout under the registry root:
                                      one rename of a complete, fsynced directory
 
 A process killed mid-write leaves at most a staging directory in tmp/, never a half entry.
+Staging directories are named after their host and process; the next start on the same host
+removes those whose process is gone, and any replica removes ones older than an hour.
 Several servers may share one root: the id is the hash of the content, so two writers of the
 same model race to rename identical directories and the loser discards its copy. Ownership claims
 are files of their own rather than a list in model.json, so two replicas adding owners to one
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -44,6 +47,8 @@ ID_HEX_CHARS = 32
 OWNERS_DIR = "owners"
 STALE_STAGING_S = 3600.0
 _ID_CHARS = set("0123456789abcdef")
+# Staging directories made by this process (several registries may share a root in-process).
+_OWN_STAGING: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -131,18 +136,46 @@ class Registry:
         self._clean_staging()
 
     def _clean_staging(self) -> None:
-        # Other replicas may be writing into tmp/ right now: only old leftovers are removed.
+        # Other replicas may be writing into tmp/ right now: only leftovers of dead processes
+        # on this host, deleted entries and old directories are removed.
         now = time.time()
         for entry in self.tmp_dir.iterdir():
             try:
-                if now - entry.stat().st_mtime > STALE_STAGING_S:
-                    shutil.rmtree(entry, ignore_errors=True)
+                stale = now - entry.stat().st_mtime > STALE_STAGING_S
             except FileNotFoundError:
-                pass
+                continue
+            if stale or entry.name.startswith("deleted-") or self._orphaned(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+                log.info("removed leftover staging directory %s", entry.name)
+
+    @staticmethod
+    def _orphaned(name: str) -> bool:
+        """A staging directory of a process on this host that no longer runs."""
+        parts = name.split("-")
+        if len(parts) < 4 or parts[0] != "stage" or parts[1] != _host_tag():
+            return False
+        try:
+            pid = int(parts[2])
+        except ValueError:
+            return False
+        if pid == os.getpid():
+            # Not ours: an earlier process with our pid (containers restart as pid 1).
+            return name not in _OWN_STAGING
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def staging(self) -> Path:
         """A fresh private directory under tmp/ for building an entry."""
-        return Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp_dir))
+        prefix = f"stage-{_host_tag()}-{os.getpid()}-"
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_dir))
+        _OWN_STAGING.intersection_update(os.listdir(self.tmp_dir))  # forget finished ones
+        _OWN_STAGING.add(path.name)
+        return path
 
     def _publish(self, staged: Path, final: Path) -> bool:
         """Atomically move a complete staged directory into place; False if it already exists."""
@@ -343,6 +376,11 @@ class Registry:
     def iter_dataset_ids(self) -> Iterator[str]:
         for entry in sorted(self.datasets_dir.iterdir()):
             yield entry.name
+
+
+def _host_tag() -> str:
+    """The host name, with dashes dropped so staging names split cleanly on '-'."""
+    return "".join(c for c in socket.gethostname() if c.isalnum())[:40] or "host"
 
 
 def _record_json(record: ModelRecord) -> dict:
