@@ -172,6 +172,10 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest message to send or receive (default %(default)s)",
     )
+    # The token itself only through the environment: a flag would show it in `ps`.
+    p.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (enables TLS)")
+    p.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="PEM key of --tls-cert")
     sub = p.add_subparsers(dest="command", required=True)
 
     reg = sub.add_parser("register", help="register a spec file; prints the model id")
@@ -220,7 +224,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        client = Client(args.target, max_message_bytes=args.max_message_bytes, timeout=args.timeout)
+        client = Client(
+            args.target,
+            max_message_bytes=args.max_message_bytes,
+            timeout=args.timeout,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
         with client:
             args.run(client, args)
     except UsageError as exc:
