@@ -17,7 +17,7 @@ from conftest import CNN_SPEC, MLP_SPEC
 from local_replicas import LocalReplicas
 from ntk_client import Client, KernelBlock, NTKError, ReplicaSet, distributed_kernel
 from ntk_client._proto.ntk.v1 import kernel_pb2
-from ntk_client.distributed import MAX_REPLICA_FAILURES, _chunks, grid_indices
+from ntk_client.distributed import MAX_REPLICA_FAILURES, _chunks, grid_indices, tiles
 from ntk_client.targets import _split_host_port, resolve, resolve_targets
 from ntk_server.engine.blocks import plan_kernel
 
@@ -59,6 +59,28 @@ def test_grid_indices_are_column_major_and_chunks_contiguous():
     assert grid_indices(diag) == [0, 1, 2, 3]
     assert _chunks(list(range(10)), 4) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     assert _chunks([5], 3) == [[5]]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        kernel_pb2.KernelHeader(grid_rows=10, grid_cols=10, symmetric=True),
+        kernel_pb2.KernelHeader(grid_rows=4, grid_cols=7),
+        kernel_pb2.KernelHeader(grid_rows=5, grid_cols=1, batch_diagonal=True),
+        kernel_pb2.KernelHeader(grid_rows=1, grid_cols=1, symmetric=True),
+    ],
+)
+@pytest.mark.parametrize("parts", [1, 2, 6, 20])
+def test_tiles_cover_the_grid_once_and_touch_few_ranges(header, parts):
+    cut = tiles(header, parts)
+    assert sorted(i for t in cut for i in t) == sorted(grid_indices(header))
+    order = {index: n for n, index in enumerate(grid_indices(header))}
+    assert all([order[i] for i in t] == sorted(order[i] for i in t) for t in cut)
+    assert [len(t) for t in cut] == sorted((len(t) for t in cut), reverse=True)
+    if header.symmetric and header.grid_rows == 10 and parts == 6:
+        # 3 x 3 cut: each tile touches at most 2 of 3 segments, not every block row
+        ranges = [{i // 10 for i in t} | {i % 10 for i in t} for t in cut]
+        assert len(cut) == 6 and max(len(r) for r in ranges) <= 7
 
 
 # Scheduling, with scripted replicas -------------------------------------------------------------

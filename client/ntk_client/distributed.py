@@ -11,10 +11,14 @@ NOTE(spreading): how a kernel is split, and what happens when a replica fails.
   2. Every later request pins that block shape and method, so each replica plans the same grid
      and computes each block exactly as a single server would. A replica whose header
      disagrees (another server version) is an error, not something to paper over.
-  3. The remaining block indices, in the server's column-major order, are cut into contiguous
-     chunks (CHUNKS_PER_REPLICA per replica): contiguous so that a request reuses the column
-     Jacobians it computes, several per replica so that a faster replica takes more of them.
-     One thread per replica takes chunks from a shared queue and streams each as one request.
+  3. The remaining blocks are cut into about CHUNKS_PER_REPLICA chunks per replica, each a
+     tile of the grid (block rows x block columns; on a symmetric grid, the tiles on and above
+     the diagonal). A server computes the Jacobian of each block row and column range once per
+     request and keeps it only for that request, so what a request costs is mostly the number
+     of ranges it touches: a tile of t x t blocks needs 2t Jacobians where a run of whole
+     columns needs one per block row. Several chunks per replica let a faster replica take
+     more of them; the largest go first. One thread per replica takes chunks from a shared
+     queue and streams each as one request, its blocks in the server's column-major order.
   4. A stream that breaks (replica gone, draining, overloaded, unknown model on a replica that
      does not see the registry yet) puts the blocks it had not delivered back at the front of
      the queue, split so that every surviving replica can take a piece. A replica that fails
@@ -29,6 +33,7 @@ Addresses are resolved once per ReplicaSet; call `refresh()` to pick up pods add
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
 import threading
@@ -44,7 +49,7 @@ from ntk_client.targets import resolve_targets
 
 log = logging.getLogger(__name__)
 
-CHUNKS_PER_REPLICA = 4
+CHUNKS_PER_REPLICA = 2
 MAX_REPLICA_FAILURES = 2
 RETRY_BACKOFF_S = 0.2
 # Errors in the request itself: every replica would answer the same, so none is retried.
@@ -87,6 +92,46 @@ def grid_indices(header) -> list[int]:
     return [
         r * cols + c for c in range(cols) for r in range(rows) if not header.symmetric or c >= r
     ]
+
+
+def _segments(count: int, parts: int) -> list[range]:
+    """range(count) cut into `parts` contiguous runs of near-equal length."""
+    bounds = [round(i * count / parts) for i in range(parts + 1)]
+    return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def tiles(header, parts: int) -> list[list[int]]:
+    """The grid's block indices cut into about `parts` tiles, largest first (NOTE(spreading) 3).
+
+    Each tile lists its indices in grid_indices order. A rectangular grid is cut into a x b
+    tiles (a * b >= parts) touching the fewest block rows plus columns; a symmetric one into
+    the s (s + 1) / 2 tiles on and above the diagonal of an s x s cut.
+    """
+    rows, cols = header.grid_rows, header.grid_cols
+    if header.symmetric:
+        s = 1
+        while s * (s + 1) // 2 < parts and s < rows:
+            s += 1
+        row_cuts = col_cuts = _segments(rows, s)
+        pairs = [(i, j) for j in range(len(col_cuts)) for i in range(j + 1)]
+    else:
+        shapes = [
+            (a, math.ceil(parts / a))
+            for a in range(1, min(parts, rows) + 1)
+            if math.ceil(parts / a) <= cols
+        ] or [(min(parts, rows), 1)]
+        a, b = min(shapes, key=lambda ab: math.ceil(rows / ab[0]) + math.ceil(cols / ab[1]))
+        row_cuts, col_cuts = _segments(rows, a), _segments(cols, b)
+        pairs = [(i, j) for j in range(len(col_cuts)) for i in range(len(row_cuts))]
+    owner = {}
+    for n, (i, j) in enumerate(pairs):
+        for r in row_cuts[i]:
+            for c in col_cuts[j]:
+                owner[r * cols + c] = n
+    out: list[list[int]] = [[] for _ in pairs]
+    for index in grid_indices(header):
+        out[owner[index]].append(index)
+    return sorted((t for t in out if t), key=len, reverse=True)
 
 
 def _chunks(indices: list[int], parts: int) -> list[list[int]]:
@@ -248,9 +293,12 @@ class _Spread:
     def run(self) -> np.ndarray:
         """Probe, then stream the other blocks from every replica at once."""
         self.probe()
-        rest = [i for i in grid_indices(self.header) if i not in self.received]
         alive = [r for r in self.replicas if not r.report.left_out]
-        self.pending.extend(_chunks(rest, CHUNKS_PER_REPLICA * len(alive)))
+        parts = CHUNKS_PER_REPLICA * len(alive) if len(alive) > 1 else 1
+        for tile in tiles(self.header, parts):
+            rest = [i for i in tile if i not in self.received]
+            if rest:
+                self.pending.append(rest)
         # Each replica starts with a chunk of its own, however fast the others are.
         firsts = [self.pending.popleft() if self.pending else None for _ in alive]
         self.in_flight = sum(first is not None for first in firsts)
