@@ -17,7 +17,8 @@ from conftest import CNN_SPEC, MLP_SPEC
 from local_replicas import LocalReplicas
 from ntk_client import Client, KernelBlock, NTKError, ReplicaSet, distributed_kernel
 from ntk_client._proto.ntk.v1 import kernel_pb2
-from ntk_client.distributed import MAX_REPLICA_FAILURES, _chunks, grid_indices, tiles
+from ntk_client.distributed import MAX_REPLICA_FAILURES
+from ntk_client.grid import _chunks, grid_indices, tiles
 from ntk_client.targets import _split_host_port, resolve, resolve_targets
 from ntk_server.engine.blocks import plan_kernel
 

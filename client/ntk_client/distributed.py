@@ -33,9 +33,7 @@ Addresses are resolved once per ReplicaSet; call `refresh()` to pick up pods add
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +43,7 @@ import grpc
 import numpy as np
 
 from ntk_client.client import METHOD_NAMES, Client, KernelBlock, NTKError, place_block
+from ntk_client.grid import _chunks, grid_indices, tiles
 from ntk_client.targets import resolve_targets
 
 log = logging.getLogger(__name__)
@@ -80,67 +79,6 @@ GRID_FIELDS = (
     "grid_rows",
     "grid_cols",
 )
-
-
-def grid_indices(header) -> list[int]:
-    """Every block index of a kernel header's grid, in the order a server computes them.
-
-    Column-major, index = block_row * grid_cols + block_col; a symmetric grid has only blocks
-    on or above the diagonal; batch_diagonal grids have one column.
-    """
-    rows, cols = header.grid_rows, header.grid_cols
-    return [
-        r * cols + c for c in range(cols) for r in range(rows) if not header.symmetric or c >= r
-    ]
-
-
-def _segments(count: int, parts: int) -> list[range]:
-    """range(count) cut into `parts` contiguous runs of near-equal length."""
-    bounds = [round(i * count / parts) for i in range(parts + 1)]
-    return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
-
-
-def tiles(header, parts: int) -> list[list[int]]:
-    """The grid's block indices cut into about `parts` tiles, largest first (NOTE(spreading) 3).
-
-    Each tile lists its indices in grid_indices order. A rectangular grid is cut into a x b
-    tiles (a * b >= parts) touching the fewest block rows plus columns; a symmetric one into
-    the s (s + 1) / 2 tiles on and above the diagonal of an s x s cut.
-    """
-    rows, cols = header.grid_rows, header.grid_cols
-    if header.symmetric:
-        s = 1
-        while s * (s + 1) // 2 < parts and s < rows:
-            s += 1
-        row_cuts = col_cuts = _segments(rows, s)
-        pairs = [(i, j) for j in range(len(col_cuts)) for i in range(j + 1)]
-    else:
-        shapes = [
-            (a, math.ceil(parts / a))
-            for a in range(1, min(parts, rows) + 1)
-            if math.ceil(parts / a) <= cols
-        ] or [(min(parts, rows), 1)]
-        a, b = min(shapes, key=lambda ab: math.ceil(rows / ab[0]) + math.ceil(cols / ab[1]))
-        row_cuts, col_cuts = _segments(rows, a), _segments(cols, b)
-        pairs = [(i, j) for j in range(len(col_cuts)) for i in range(len(row_cuts))]
-    owner = {}
-    for n, (i, j) in enumerate(pairs):
-        for r in row_cuts[i]:
-            for c in col_cuts[j]:
-                owner[r * cols + c] = n
-    out: list[list[int]] = [[] for _ in pairs]
-    for index in grid_indices(header):
-        out[owner[index]].append(index)
-    return sorted((t for t in out if t), key=len, reverse=True)
-
-
-def _chunks(indices: list[int], parts: int) -> list[list[int]]:
-    """`indices` cut into at most `parts` contiguous runs of near-equal length."""
-    if not indices:
-        return []
-    parts = max(1, min(parts, len(indices)))
-    size = math.ceil(len(indices) / parts)
-    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 # Reports ------------------------------------------------------------------------------------
@@ -184,8 +122,11 @@ class _Replica:
 class _Spread:
     """The state of one kernel being computed by several replicas (NOTE(spreading))."""
 
-    def __init__(self, replicas: list[_Replica], request: dict, out, timeout, on_block):
+    def __init__(
+        self, replicas: list[_Replica], request: dict, out, timeout, on_block, chunks_per_replica
+    ):
         self.replicas = replicas
+        self.chunks_per_replica = chunks_per_replica
         self.request = request  # kernel_blocks keyword arguments, without block_indices
         self.out = out
         self.timeout = timeout
@@ -294,7 +235,7 @@ class _Spread:
         """Probe, then stream the other blocks from every replica at once."""
         self.probe()
         alive = [r for r in self.replicas if not r.report.left_out]
-        parts = CHUNKS_PER_REPLICA * len(alive) if len(alive) > 1 else 1
+        parts = self.chunks_per_replica * len(alive) if len(alive) > 1 else 1
         for tile in tiles(self.header, parts):
             rest = [i for i in tile if i not in self.received]
             if rest:
@@ -511,6 +452,7 @@ class ReplicaSet:
         out: np.ndarray | None = None,
         timeout: float | None = None,
         on_block: Callable[[KernelBlock, str], None] | None = None,
+        chunks_per_replica: int = CHUNKS_PER_REPLICA,
     ) -> np.ndarray:
         """The empirical NTK K(x1, x2) as one array, its blocks computed by every replica.
 
@@ -529,6 +471,8 @@ class ReplicaSet:
             misses it counts as failed and its blocks go to the others.
           on_block: called as on_block(block, address) after each block is placed, from the
             thread of that replica; an exception raised there stops the kernel.
+          chunks_per_replica: requests per replica the grid is first cut into. More balance
+            replicas of unequal speed; fewer recompute fewer Jacobians (NOTE(spreading) 3).
 
         Raises:
           NTKError: the request's own error (e.g. INVALID_ARGUMENT) at once, or the last
@@ -548,7 +492,9 @@ class ReplicaSet:
             batch_diagonal=batch_diagonal,
             block_shape=block_shape,
         )
-        spread = _Spread(replicas, request, out, timeout, on_block)
+        if chunks_per_replica < 1:
+            raise ValueError(f"chunks_per_replica must be >= 1, got {chunks_per_replica}")
+        spread = _Spread(replicas, request, out, timeout, on_block, chunks_per_replica)
         try:
             return spread.run()
         finally:
