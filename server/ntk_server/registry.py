@@ -15,10 +15,27 @@ Several servers may share one root: the id is the hash of the content, so two wr
 same model race to rename identical directories and the loser discards its copy. Ownership claims
 are files of their own rather than a list in model.json, so two replicas adding owners to one
 model at once never lose either claim.
+
+NOTE(shared registry): replicas on several hosts share the root over a network filesystem
+(Kubernetes ReadWriteMany: NFS, CephFS, a cloud file store). What this module relies on:
+  - rename(2) of a directory is atomic and fails with EEXIST or ENOTEMPTY when the target is a
+    non-empty directory. The loser of a race learns it from that error number, not from an
+    exists() check, which another host's stale attribute cache may answer wrongly.
+  - Entries are immutable once published, so positive caching on other hosts is harmless.
+    Negative caching is not: a host that once looked up an id before it existed may go on
+    believing it absent. A miss is therefore retried once after listing the parent directory,
+    which makes NFS revalidate it; mounting with lookupcache=positive removes the doubt.
+  - Staging directories of crashed writers are swept at start-up by age. The age is that of
+    the newest file inside (a slow upload keeps writing its .npy, while its directory's mtime
+    stands still) and is measured against a probe file's mtime, i.e. the file server's clock,
+    so skew between hosts does not make a live writer look stale.
+  - A deleted model may still sit in another replica's memory; the runtime checks the entry
+    is still on disk before each use (Registry.has_model).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -39,13 +56,18 @@ from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
 from ntk_server.engine.network import Network, canonical_spec
-from ntk_server.errors import InvalidArgument, NotFound, short
+from ntk_server.errors import InvalidArgument, NotFound, Unavailable, short
 
 log = logging.getLogger(__name__)
 
 ID_HEX_CHARS = 32
 OWNERS_DIR = "owners"
+# A staging directory with no file written for this long belongs to a crashed writer.
 STALE_STAGING_S = 3600.0
+STAGING_PREFIX = "stage-"
+TRASH_PREFIX = "deleted-"
+CLOCK_PROBE_PREFIX = "clock-"
+REGISTER_ATTEMPTS = 3
 _ID_CHARS = set("0123456789abcdef")
 # Staging directories made by this process (several registries may share a root in-process).
 _OWN_STAGING: set[str] = set()
@@ -77,6 +99,18 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest mtime of a directory and the files directly inside it."""
+    newest = path.stat().st_mtime
+    if path.is_dir():
+        for child in path.iterdir():
+            try:
+                newest = max(newest, child.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+    return newest
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -135,18 +169,39 @@ class Registry:
             d.mkdir(parents=True, exist_ok=True)
         self._clean_staging()
 
+    def _filesystem_now(self) -> float:
+        """The current time on the clock that stamps files in tmp/ (see NOTE(shared registry))."""
+        probe = self.tmp_dir / f"{CLOCK_PROBE_PREFIX}{uuid.uuid4().hex}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0")
+                f.flush()
+                os.fsync(f.fileno())
+                return os.fstat(f.fileno()).st_mtime
+        except OSError:
+            return time.time()
+        finally:
+            probe.unlink(missing_ok=True)
+
     def _clean_staging(self) -> None:
         # Other replicas may be writing into tmp/ right now: only leftovers of dead processes
         # on this host, deleted entries and old directories are removed.
-        now = time.time()
+        now = self._filesystem_now()
         for entry in self.tmp_dir.iterdir():
-            try:
-                stale = now - entry.stat().st_mtime > STALE_STAGING_S
-            except FileNotFoundError:
-                continue
-            if stale or entry.name.startswith("deleted-") or self._orphaned(entry.name):
+            if entry.name.startswith(TRASH_PREFIX):
+                # Already unpublished; whoever deleted it died before finishing.
                 shutil.rmtree(entry, ignore_errors=True)
-                log.info("removed leftover staging directory %s", entry.name)
+                continue
+            try:
+                age_s = now - _newest_mtime(entry)
+            except FileNotFoundError:
+                continue  # published or removed meanwhile
+            if age_s > STALE_STAGING_S or self._orphaned(entry.name):
+                log.info("removing leftover staging entry name=%s age_s=%.0f", entry.name, age_s)
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
     @staticmethod
     def _orphaned(name: str) -> bool:
@@ -171,7 +226,7 @@ class Registry:
 
     def staging(self) -> Path:
         """A fresh private directory under tmp/ for building an entry."""
-        prefix = f"stage-{_host_tag()}-{os.getpid()}-"
+        prefix = f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-"
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_dir))
         _OWN_STAGING.intersection_update(os.listdir(self.tmp_dir))  # forget finished ones
         _OWN_STAGING.add(path.name)
@@ -182,13 +237,23 @@ class Registry:
         _fsync_dir(staged)
         try:
             os.rename(staged, final)
-        except OSError:
-            if final.exists():
-                shutil.rmtree(staged, ignore_errors=True)
-                return False
-            raise
+        except OSError as exc:
+            # Lost the race to another writer of the same content (NOTE(shared registry)).
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            return False
         _fsync_dir(final.parent)
         return True
+
+    @staticmethod
+    def _read_json(path: Path) -> dict:
+        """Read an entry's json; a miss is retried once after refreshing the parent listing."""
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            os.listdir(path.parent.parent)  # revalidates a network filesystem's lookup cache
+            return json.loads(path.read_text())
 
     # Models -------------------------------------------------------------------------------
 
@@ -211,11 +276,6 @@ class Registry:
             params = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         model_id = content_id(spec, params)
         final = self.models_dir / model_id
-        if final.exists():
-            if owner:
-                self.claim_model(model_id, owner)
-            return self.get_model(model_id), False
-
         record = ModelRecord(
             id=model_id,
             spec=spec,
@@ -225,25 +285,49 @@ class Registry:
             parameters=tuple((n, s) for n, s in net.param_shapes.items()),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        staged = self.staging()
-        try:
-            save_file(params, str(staged / "weights.safetensors"))
-            with open(staged / "weights.safetensors", "rb+") as f:
-                os.fsync(f.fileno())
-            _write_file(staged / "model.json", json.dumps(_record_json(record), indent=1).encode())
+        # Another replica may delete the entry between any two of these steps; each attempt
+        # either publishes our copy or reads the one that is there.
+        for _ in range(REGISTER_ATTEMPTS):
+            if final.exists():
+                try:
+                    existing = self.get_model(model_id)
+                except NotFound:
+                    pass  # deleted meanwhile: store it again
+                else:
+                    if owner:
+                        self.claim_model(model_id, owner)
+                    return existing, False
+            staged = self.staging()
+            try:
+                save_file(params, str(staged / "weights.safetensors"))
+                with open(staged / "weights.safetensors", "rb+") as f:
+                    os.fsync(f.fileno())
+                _write_file(
+                    staged / "model.json", json.dumps(_record_json(record), indent=1).encode()
+                )
+                if owner:
+                    _check_owner(owner)
+                    (staged / OWNERS_DIR).mkdir()
+                    _write_file(staged / OWNERS_DIR / owner, b"")
+                created = self._publish(staged, final)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            if created:
+                log.info("model registered id=%s parameters=%d", model_id, net.parameter_count)
+                return record, True
+            try:
+                existing = self.get_model(model_id)
+            except NotFound:
+                continue  # the winner's copy was deleted before we could read it
             if owner:
-                _check_owner(owner)
-                (staged / OWNERS_DIR).mkdir()
-                _write_file(staged / OWNERS_DIR / owner, b"")
-            created = self._publish(staged, final)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        if created:
-            log.info("model registered id=%s parameters=%d", model_id, net.parameter_count)
-        elif owner:
-            self.claim_model(model_id, owner)
-        return (record if created else self.get_model(model_id)), created
+                self.claim_model(model_id, owner)
+            return existing, False
+        raise Unavailable(
+            f"model {model_id} was deleted {REGISTER_ATTEMPTS} times while being registered; "
+            "retry the registration",
+            field="spec",
+        )
 
     def model_owners(self, model_id: str) -> frozenset[str]:
         """Token names that registered a model; empty when unowned or unknown."""
@@ -281,7 +365,7 @@ class Registry:
     def get_model(self, model_id: str, field: str = "model_id") -> ModelRecord:
         path = self.models_dir / check_id(model_id, field) / "model.json"
         try:
-            data = json.loads(path.read_text())
+            data = self._read_json(path)
         except FileNotFoundError:
             raise NotFound(f"no model with id {model_id!r}", field=field, value=model_id) from None
         return ModelRecord(
@@ -293,6 +377,10 @@ class Registry:
             parameters=tuple((n, tuple(s)) for n, s in data["parameters"]),
             created_at=data["created_at"],
         )
+
+    def has_model(self, model_id: str) -> bool:
+        """Whether the entry is on disk now (it may have been deleted through another replica)."""
+        return (self.models_dir / check_id(model_id, "model_id") / "model.json").exists()
 
     def load_weights(self, model_id: str) -> dict[str, torch.Tensor]:
         path = self.models_dir / check_id(model_id, "model_id") / "weights.safetensors"
@@ -318,7 +406,7 @@ class Registry:
 
     def _delete(self, parent: Path, entry_id: str, kind: str) -> None:
         final = parent / check_id(entry_id, f"{kind}_id")
-        trash = self.tmp_dir / f"deleted-{uuid.uuid4().hex}"
+        trash = self.tmp_dir / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
         try:
             os.rename(final, trash)  # the entry disappears in one step
         except FileNotFoundError:
@@ -352,7 +440,7 @@ class Registry:
     def get_dataset(self, dataset_id: str, field: str = "dataset_id") -> DatasetRecord:
         path = self.datasets_dir / check_id(dataset_id, field) / "dataset.json"
         try:
-            data = json.loads(path.read_text())
+            data = self._read_json(path)
         except FileNotFoundError:
             raise NotFound(f"no dataset with id {dataset_id!r}", field=field) from None
         return DatasetRecord(

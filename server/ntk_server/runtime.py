@@ -122,9 +122,13 @@ class Runtime:
     def _load(self, model_id: str, dtype: str) -> LoadedModel:
         key = (model_id, dtype)
         with self._lock:
-            if key in self._models:
+            loaded = self._models.get(key)
+            if loaded is not None:
                 self._models.move_to_end(key)
-                return self._models[key]
+        # Replicas share the registry: a model deleted through another one must go here too.
+        if loaded is not None and self.registry.has_model(model_id):
+            return loaded
+        self.forget(model_id)
         record = self.registry.get_model(model_id)
         net = Network(record.spec)
         weights = self.registry.load_weights(model_id)
