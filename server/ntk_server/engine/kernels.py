@@ -10,6 +10,9 @@ Methods:
   jacobian_contraction  per-example Jacobians (vmap of jacrev), contracted per parameter tensor.
   ntk_vector_products   for each output b, vjps of f_b(x2_j) then jvps through f(x1): the full
                         Jacobian of a block is never held, only one output's slice of it.
+  structured            per-layer factors (inputs and back-propagated signals) whose Grams
+                        multiply to the kernel; see structured.py.
+  auto                  resolved by the cost model (cost.choose_method) from the request shape.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
+from ntk_server.engine import cost, structured
 from ntk_server.engine.network import Network
 
 LAYOUTS = ("full", "trace", "diagonal")
-METHODS = ("jacobian_contraction", "ntk_vector_products")
+METHODS = ("jacobian_contraction", "ntk_vector_products", "structured")
+AUTO = cost.AUTO
 # Jacobians of one chunk of examples are computed together up to this size.
 JACOBIAN_CHUNK_BYTES = 256 << 20
 
@@ -112,29 +117,38 @@ def ntk_vector_products(
 
 
 class KernelComputer:
-    """Computes blocks of one request, keeping per-block Jacobians for reuse.
+    """Computes blocks of one request, keeping per-range factors for reuse.
 
-    Blocks of a grid share row and column ranges; the Jacobian of a range is kept in a small
-    cache bounded by `cache_bytes`, so walking a column of blocks computes the column's
-    Jacobian once.
+    Blocks of a grid share row and column ranges; what a method computes per range (the
+    Jacobian for jacobian_contraction, layer inputs and signals for structured) is kept in a
+    small cache bounded by `cache_bytes`, so walking a column of blocks computes the column's
+    factors once, and a block whose two keys are equal (a diagonal block of a Gram matrix)
+    computes them once and only its tiles on or above the diagonal.
+
+    method "auto" is resolved by the cost model at the first block, from that block's shape;
+    a caller that knows the whole request (the scheduler) resolves it with
+    cost.choose_method and passes the result, so the stream header can report it.
     """
 
     def __init__(self, net: Network, params: Params, method: str, layout: str, cache_bytes: int):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in (*METHODS, AUTO):
+            raise ValueError(f"method must be one of {(*METHODS, AUTO)}, got {method!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.net, self.params, self.method, self.layout = net, params, method, layout
+        self.method_reason = "" if method == AUTO else "requested"
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple, Jacobian] = OrderedDict()
+        self._plans: list[structured.LayerPlan] | None = None
 
     def _cached(self, key: tuple, fn: Callable[[], Jacobian]) -> Jacobian:
+        if not key:
+            return fn()
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         value = fn()
-        size = sum(t.numel() * t.element_size() for t in value.values())
-        if size <= self.cache_bytes:
+        if self._size(value) <= self.cache_bytes:
             self._cache[key] = value
             while sum(self._size(v) for v in self._cache.values()) > self.cache_bytes:
                 self._cache.popitem(last=False)
@@ -143,6 +157,13 @@ class KernelComputer:
     @staticmethod
     def _size(jac: Jacobian) -> int:
         return sum(t.numel() * t.element_size() for t in jac.values())
+
+    def _resolve(self, x1: torch.Tensor, x2: torch.Tensor | None, batch_diagonal: bool) -> None:
+        n2 = None if x2 is None else x2.shape[0]
+        self.method, self.method_reason = cost.choose_method(
+            self.net, x1.shape[0], n2, self.layout, x1.element_size(),
+            x1.shape[0], 0 if n2 is None else n2, batch_diagonal,
+        )  # fmt: skip
 
     def block(
         self,
@@ -154,22 +175,31 @@ class KernelComputer:
     ) -> torch.Tensor:
         """One block; key1/key2 identify the row and column ranges for the cache.
 
-        x2 None (or batch_diagonal) means the block of x1 against itself.
+        x2 None (or batch_diagonal) means the block of x1 against itself. Returns the shape of
+        `kernel_shape(len(x1), len(x2), O, layout, batch_diagonal)`.
         """
+        if self.method == AUTO:
+            self._resolve(x1, x2, batch_diagonal)
+        same = x2 is None or batch_diagonal or (bool(key1) and key1 == key2)
+        if self.method == "structured":
+            if self._plans is None:
+                self._plans = structured.plan_layers(self.net, self.layout)
+
+            def factors(x):
+                return structured.factors(self.net, self.params, x, self._plans, self.layout)
+
+            f1 = self._cached(key1, lambda: factors(x1))
+            f2 = f1 if same else self._cached(key2, lambda: factors(x2))
+            return structured.contract_factors(
+                self._plans, f1, f2, self.layout, self.net.output_size, batch_diagonal
+            )
         with torch.no_grad():
             if self.method == "ntk_vector_products":
                 return ntk_vector_products(
-                    self.net, self.params, x1, x2, self.layout, batch_diagonal
+                    self.net, self.params, x1, None if same else x2, self.layout, batch_diagonal
                 )
-            j1 = self._cached(key1, lambda: jacobian(self.net, self.params, x1)) if key1 else None
-            if j1 is None:
-                j1 = jacobian(self.net, self.params, x1)
-            if x2 is None or batch_diagonal:
-                j2 = j1
-            elif key2:
-                j2 = self._cached(key2, lambda: jacobian(self.net, self.params, x2))
-            else:
-                j2 = jacobian(self.net, self.params, x2)
+            j1 = self._cached(key1, lambda: jacobian(self.net, self.params, x1))
+            j2 = j1 if same else self._cached(key2, lambda: jacobian(self.net, self.params, x2))
             return contract(j1, j2, self.layout, batch_diagonal)
 
     def release(self) -> None:
