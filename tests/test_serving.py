@@ -154,7 +154,10 @@ def test_health_answers_while_a_long_block_computes(server, rng):
         t0 = time.perf_counter()
         prober.start()
         try:
-            stream = c.kernel_blocks(model, x, block_shape=(400, 400))
+            # Jacobian contraction keeps this one block long enough to probe during it.
+            stream = c.kernel_blocks(
+                model, x, block_shape=(400, 400), method="jacobian_contraction"
+            )
             assert stream.header.blocks_total == 1  # one long block on the device thread
             list(stream)
         finally:
@@ -173,8 +176,10 @@ def test_a_request_that_can_never_fit_is_refused_at_once(tmp_path, rng):
         model = c.register_model(WIDE_SPEC)
         x = rng.standard_normal((64, 6))
         start = time.monotonic()
+        # Jacobian contraction: its per-block Jacobians are what overflows the small budget.
+        method = "jacobian_contraction"
         with pytest.raises(NTKError) as info:
-            c.kernel(model, x, block_shape=(64, 64))
+            c.kernel(model, x, block_shape=(64, 64), method=method)
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         for fragment in (
             "estimated",
@@ -187,7 +192,7 @@ def test_a_request_that_can_never_fit_is_refused_at_once(tmp_path, rng):
         assert time.monotonic() - start < SETTLE_TIMEOUT_S
 
         # Left to choose, the server shrinks the blocks until one fits the budget.
-        stream = c.kernel_blocks(model, x)
+        stream = c.kernel_blocks(model, x, method=method)
         assert stream.header.block_rows < 64
         blocks = list(stream)
         assert len(blocks) == stream.header.blocks_total > 1

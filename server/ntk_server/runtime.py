@@ -240,9 +240,20 @@ class Runtime:
         kernel when it is held whole, and a Jacobian cache that gets at most half of what the
         budget has left.
         """
-        cols = 0 if plan.batch_diagonal else plan.block_cols
         net = model.net
-        per_block = estimate_memory_bytes(net, method, job.layout, itemsize, plan.block_rows, cols)
+        rows, cols = plan.block_rows, plan.block_cols
+        # One block as a request of its own: rows x cols (rows alone with batch_diagonal).
+        per_block = estimate_memory_bytes(
+            net,
+            method,
+            rows,
+            None if plan.batch_diagonal else cols,
+            job.layout,
+            itemsize,
+            rows,
+            cols,
+            batch_diagonal=plan.batch_diagonal,
+        )
         inputs = (job.x1.size + (0 if job.x2 is None else job.x2.size)) * itemsize
         output = math.prod(plan.shape) * itemsize if job.assemble else 0
         fixed = per_block + inputs + output
@@ -453,7 +464,7 @@ class Runtime:
         request_id = uuid.uuid4().hex[:12]
         estimate = (
             estimate_memory_bytes(
-                model.net, "ntk_vector_products", "trace", itemsize, x.shape[0], 1
+                model.net, "ntk_vector_products", x.shape[0], 1, "trace", itemsize, x.shape[0], 1
             )
             + 2 * x.size * itemsize
         )
