@@ -28,7 +28,8 @@ from sklearn.preprocessing import StandardScaler
 
 MIN_MLP_ACCURACY = 0.95
 FINITE_TIMES = (10.0, 100.0, 1000.0)
-SIGMA_W, SIGMA_B = 1.5, 0.1
+# Small initial outputs: f0 stays in the linearised prediction, so its spread costs accuracy.
+SIGMA_W, SIGMA_B = 1.0, 0.0
 
 
 def load_data(seed: int = 0):

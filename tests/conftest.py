@@ -37,6 +37,19 @@ CNN_SPEC = {
     "init": {"seed": 2, "sigma_w": 1.2, "sigma_b": 0.2},
 }
 
+# Wide enough that a block of a few dozen examples takes the device tens of milliseconds.
+WIDE_SPEC = {
+    "input_shape": [6],
+    "layers": [
+        {"type": "dense", "width": 256},
+        {"type": "relu"},
+        {"type": "dense", "width": 256},
+        {"type": "relu"},
+        {"type": "dense", "width": 3},
+    ],
+    "init": {"seed": 3},
+}
+
 
 @pytest.fixture
 def rng():

@@ -390,3 +390,13 @@ def test_owner_only_models_registered_without_a_token_stay_public(tmp_path):
             assert [m.id for m in bob.models()] == [model.id]
     finally:
         srv.stop()
+
+
+def test_command_line_sends_the_token_from_the_environment(server, monkeypatch, capsys):
+    from ntk_client import cli
+
+    monkeypatch.delenv("NTK_TOKEN", raising=False)
+    assert cli.main(["--target", server.address, "models"]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    monkeypatch.setenv("NTK_TOKEN", TOKENS["alice"])
+    assert cli.main(["--target", server.address, "models"]) == 0

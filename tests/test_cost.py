@@ -123,9 +123,3 @@ def test_memory_estimate_matches_measured_peak(layout, n1, n2):
     assert 1 / MEMORY_ESTIMATE_FACTOR <= ratio <= MEMORY_ESTIMATE_FACTOR, (
         f"estimate {estimated >> 20} MiB vs measured {measured >> 20} MiB"
     )
-
-
-def test_block_only_signature_still_works():
-    net = Network(MLP)
-    old = estimate_memory_bytes(net, "structured", "trace", 4, 128, 64)
-    assert old == estimate_memory_bytes(net, "structured", 128, 64, "trace", 4, 128, 64)

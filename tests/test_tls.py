@@ -218,3 +218,13 @@ def test_tls_settings_are_checked(tmp_path, pki):
     )
     with pytest.raises(ValueError, match="tls_cert .*not a PEM file"):
         BackgroundServer(config).start()
+
+
+def test_command_line_speaks_mutual_tls(mtls_server, pki, capsys):
+    from ntk_client import cli
+
+    argv = ["--target", mtls_server.address, "--tls-ca", str(pki.ca)]
+    client_pair = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    assert cli.main([*argv, *client_pair, "models"]) == 0
+    assert cli.main([*argv, "--timeout", str(CONNECT_TIMEOUT_S), "models"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err

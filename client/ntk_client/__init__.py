@@ -4,8 +4,11 @@ from ntk_client import Client
 with Client("127.0.0.1:50051") as client:
     model = client.register_model(spec)
     k = client.kernel(model, x_train)            # (N, N), trace layout
+
+Several replicas sharing one registry: ReplicaSet("dns:///name:port") or a list of targets.
 """
 
+from ntk_client.assemble import RetryPolicy
 from ntk_client.client import (
     Client,
     KernelBlock,
@@ -15,6 +18,7 @@ from ntk_client.client import (
     Predictions,
     place_block,
 )
+from ntk_client.distributed import ReplicaSet, distributed_kernel
 
 __version__ = "0.1.0"
 
@@ -25,5 +29,8 @@ __all__ = [
     "ModelInfo",
     "NTKError",
     "Predictions",
+    "ReplicaSet",
+    "RetryPolicy",
+    "distributed_kernel",
     "place_block",
 ]

@@ -20,6 +20,8 @@ from ntk_client._proto.ntk.v1 import (
     service_pb2,
     service_pb2_grpc,
 )
+from ntk_client.assemble import RetryPolicy, assemble
+from ntk_client.progress import ProgressCallback, progress_for
 from ntk_client.safetensors_io import dump_safetensors
 from ntk_client.transport import open_channel
 
@@ -32,19 +34,39 @@ METHODS = {
     "structured": kernel_pb2.STRUCTURED,
 }
 METHOD_NAMES = {v: k for k, v in METHODS.items()}
+# Codes after which the same request may succeed (server restarting, connection dropped).
+RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+RETRYABLE_KEY = "ntk-retryable"  # trailing metadata the server sets on retryable refusals
+MESSAGE_SIZE_HINT = (
+    "; raise the message limit on the client (Client(max_message_bytes=...), ntk "
+    "--max-message-bytes) and the server (--max-message-bytes / NTK_MAX_MESSAGE_BYTES), or "
+    "upload the inputs with upload_dataset and pass the dataset id"
+)
 
 
 class NTKError(Exception):
-    """Any failed call: `code` is the grpc.StatusCode, `details` the server's message."""
+    """Any failed call: `code` is the grpc.StatusCode, `details` the server's message.
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    `retryable`: the same request may succeed later (queue full, server draining or gone).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, retryable: bool = False):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.retryable = retryable
 
     @classmethod
     def from_rpc(cls, exc: grpc.RpcError) -> NTKError:
-        return cls(exc.code(), exc.details() or "")
+        code, details = exc.code(), exc.details() or ""
+        try:
+            trailers = exc.trailing_metadata() or ()
+        except Exception:  # errors raised before a call existed carry no trailers
+            trailers = ()
+        flagged = any(key == RETRYABLE_KEY for key, _ in trailers)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
+            details += MESSAGE_SIZE_HINT  # gRPC's own text names both sizes but no option
+        return cls(code, details, retryable=flagged or code in RETRYABLE_CODES)
 
 
 @dataclass(frozen=True)
@@ -189,6 +211,7 @@ class Client:
       token: bearer token sent with every call (None: the NTK_TOKEN environment variable).
       tls, tls_ca, tls_cert, tls_key, tls_server_name: TLS and mutual TLS, see
         ntk_client.transport.open_channel.
+      retry: retries and backoff for kernels whose stream breaks (default RetryPolicy()).
     """
 
     def __init__(
@@ -204,8 +227,10 @@ class Client:
         tls_cert: str | os.PathLike | None = None,
         tls_key: str | os.PathLike | None = None,
         tls_server_name: str | None = None,
+        retry: RetryPolicy | None = None,
     ):
         self.target = target
+        self.retry = retry or RetryPolicy()
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
         self._channel = open_channel(
@@ -244,7 +269,7 @@ class Client:
     def register_model(
         self,
         spec: Mapping | Any,
-        weights: Mapping[str, np.ndarray] | None = None,
+        weights: Mapping[str, np.ndarray] | bytes | None = None,
         *,
         input_shape: Sequence[int] | None = None,
     ) -> ModelInfo:
@@ -253,8 +278,9 @@ class Client:
         Args:
           spec: a spec dict (see ntk_client.spec), or a torch nn.Sequential of supported layers
             (then `input_shape` is required and its current weights are uploaded).
-          weights: optional initial weights by parameter name ("0.weight", "0.bias", ...);
-            absent: the server initialises them from spec["init"]["seed"].
+          weights: optional initial weights by parameter name ("0.weight", "0.bias", ...), or
+            the bytes of a safetensors file; absent: the server initialises them from
+            spec["init"]["seed"].
         """
         if not isinstance(spec, Mapping):
             from ntk_client.torch_convert import from_sequential
@@ -263,7 +289,9 @@ class Client:
                 raise ValueError("input_shape is required when registering a torch module")
             spec, weights = from_sequential(spec, input_shape)
         request = model_pb2.RegisterModelRequest(spec=spec_codec.to_proto(dict(spec)))
-        if weights is not None:
+        if isinstance(weights, bytes):
+            request.safetensors = weights  # a safetensors file as it is
+        elif weights is not None:
             request.safetensors = dump_safetensors(weights)
         response = self._call(self._stub.RegisterModel, request)
         return ModelInfo.from_proto(response.model)
@@ -368,8 +396,10 @@ class Client:
         dtype: str = "float32",
         batch_diagonal: bool = False,
         block_shape: tuple[int, int] | None = None,
-        out: np.ndarray | None = None,
+        out: np.ndarray | str | os.PathLike | None = None,
         timeout: float | None = None,
+        progress: bool | ProgressCallback | None = None,
+        retry: RetryPolicy | None = None,
     ) -> np.ndarray:
         """The empirical NTK K(x1, x2) as one array.
 
@@ -377,36 +407,49 @@ class Client:
           full (N1, N2, O, O), trace (N1, N2) (the MEAN over a of K[i, j, a, a]),
           diagonal (N1, N2, O); with batch_diagonal only K(x1_i, x1_i): (N1, ...).
 
+        A stream that breaks is resumed from the blocks already held (see assemble.py), up to
+        `retry` (default: the client's) attempts; the result equals an unbroken run's exactly.
+
         Args:
           x1, x2: arrays (N, *input_shape) in any memory order, or uploaded dataset ids.
-          out: an array (e.g. a numpy memmap) of the right shape to write into.
+          out: an array of the right shape to write into (e.g. a numpy memmap), or a path: the
+            kernel is written block by block into an .npy memmap there (PATH.partial until it
+            is complete), so it may be far larger than memory. Returns that memmap.
+          timeout: deadline in seconds for the whole kernel, retries included.
+          progress: None shows a bar on stderr when it is a terminal; True always, False never;
+            or a callable(blocks_done, blocks_total, entries_done, entries_total).
         """
-        stream = self.kernel_blocks(
-            model,
-            x1,
-            x2,
-            layout=layout,
-            method=method,
-            dtype=dtype,
-            batch_diagonal=batch_diagonal,
-            block_shape=block_shape,
-            timeout=timeout,
+        request = self._kernel_request(
+            model, x1, x2, layout, method, dtype, batch_diagonal, block_shape
         )
-        if out is None:
-            out = np.empty(stream.shape, dtype=dtype)
-        elif tuple(out.shape) != stream.shape:
-            stream.cancel()
-            raise ValueError(f"out has shape {out.shape}, the kernel has shape {stream.shape}")
-        seen = set()
-        for block in stream:
-            place_block(out, block, block.values, stream.header.batch_diagonal)
-            seen.add(block.index)
-        if len(seen) != stream.header.blocks_total:
-            raise NTKError(
-                grpc.StatusCode.DATA_LOSS,
-                f"received {len(seen)} of {stream.header.blocks_total} blocks",
+
+        def open_stream(block_indices, header, remaining_s):
+            again = kernel_pb2.KernelRequest()
+            again.CopyFrom(request)
+            if header is not None:
+                # Same grid and method as the first stream: identical blocks, bit for bit.
+                again.block_rows, again.block_cols = header.block_rows, header.block_cols
+                again.method = header.method
+                again.block_indices.extend(block_indices)
+            try:
+                return KernelStream(self._stub.ComputeKernel(again, timeout=remaining_s))
+            except grpc.RpcError as exc:
+                raise NTKError.from_rpc(exc) from None
+
+        bar = progress_for(progress)
+        try:
+            return assemble(
+                open_stream,
+                place_block,
+                out,
+                dtype=dtype,
+                retry=retry or self.retry,
+                progress=bar,
+                timeout=timeout,
             )
-        return out
+        finally:
+            if bar is not None and hasattr(bar, "close"):
+                bar.close()
 
     # Linearised networks --------------------------------------------------------------------
 

@@ -77,7 +77,12 @@ def from_proto(msg: tensor_pb2.Tensor, field: str = "tensor", *, finite: bool = 
             f"{field}.data",
             f"shape {list(shape)} of {dtype.name} needs {expected} bytes, got {len(msg.data)}",
         )
-    arr = np.frombuffer(msg.data, dtype=dtype).reshape(shape)
+    try:
+        arr = np.frombuffer(msg.data, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. (0, 2**40, 2**40): no bytes, yet too large for numpy to index
+        raise TensorError(
+            f"{field}.shape", f"{list(shape)} is too large to describe an array"
+        ) from None
     if finite and not np.isfinite(arr).all():
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise TensorError(field, f"contains {bad} non-finite values (NaN or Inf)")

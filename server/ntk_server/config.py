@@ -36,6 +36,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    memory_budget_bytes: int = 0  # 0: a share of the device's memory (admission.py)
 
 
 # flag name -> (environment variable, type, help)
@@ -79,6 +80,11 @@ _OPTIONS = {
     "tls_cert": ("NTK_TLS_CERT", Path, "PEM certificate chain: serve gRPC over TLS"),
     "tls_key": ("NTK_TLS_KEY", Path, "PEM private key of tls_cert"),
     "tls_client_ca": ("NTK_TLS_CLIENT_CA", Path, "PEM CA: require client certificates (mTLS)"),
+    "memory_budget_bytes": (
+        "NTK_MEMORY_BUDGET_BYTES",
+        int,
+        "device memory that admitted requests may use (0: 85%% of a GPU, 50%% of host RAM)",
+    ),
 }
 TOKENS_ENV = "NTK_TOKENS"
 
@@ -128,6 +134,10 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> S
     if config.max_message_bytes < 1 << 20:
         raise ValueError(f"max_message_bytes must be >= 1 MiB, got {config.max_message_bytes}")
     check_security(config)
+    if config.memory_budget_bytes < 0:
+        raise ValueError(f"memory_budget_bytes must be >= 0, got {config.memory_budget_bytes}")
+    if config.grace_period_s < 0:
+        raise ValueError(f"grace_period_s must be >= 0, got {config.grace_period_s}")
     return config
 
 

@@ -6,7 +6,12 @@ from typing import Any
 
 
 class ServiceError(Exception):
-    """Base class. `field` names the offending request field (dotted path) where there is one."""
+    """Base class. `field` names the offending request field (dotted path) where there is one.
+
+    `retryable`: the same request may succeed later (the client is told so in the trailers).
+    """
+
+    retryable = False
 
     def __init__(self, message: str, *, field: str | None = None, value: Any = None):
         super().__init__(message)
@@ -40,6 +45,18 @@ class PermissionDenied(ServiceError):
 
 class Unavailable(ServiceError):
     """The server is draining or a dependency is not ready."""
+
+
+class QueueFull(ResourceExhausted):
+    """The admission or device queue is full; the same request may succeed later."""
+
+    retryable = True
+
+
+class Draining(Unavailable):
+    """The server is shutting down; the same request may succeed on another replica."""
+
+    retryable = True
 
 
 def short(value: Any, limit: int = 80) -> str:

@@ -9,19 +9,39 @@ Layout under the registry root:
                                      one rename of a complete, fsynced directory
 
 A process killed mid-write leaves at most a staging directory in tmp/, never a half entry.
+Staging directories are named after their host and process; the next start on the same host
+removes those whose process is gone, and any replica removes ones older than an hour.
 Several servers may share one root: the id is the hash of the content, so two writers of the
 same model race to rename identical directories and the loser discards its copy. Ownership claims
 are files of their own rather than a list in model.json, so two replicas adding owners to one
 model at once never lose either claim.
+
+NOTE(shared registry): replicas on several hosts share the root over a network filesystem
+(Kubernetes ReadWriteMany: NFS, CephFS, a cloud file store). What this module relies on:
+  - rename(2) of a directory is atomic and fails with EEXIST or ENOTEMPTY when the target is a
+    non-empty directory. The loser of a race learns it from that error number, not from an
+    exists() check, which another host's stale attribute cache may answer wrongly.
+  - Entries are immutable once published, so positive caching on other hosts is harmless.
+    Negative caching is not: a host that once looked up an id before it existed may go on
+    believing it absent. A miss is therefore retried once after listing the parent directory,
+    which makes NFS revalidate it; mounting with lookupcache=positive removes the doubt.
+  - Staging directories of crashed writers are swept at start-up by age. The age is that of
+    the newest file inside (a slow upload keeps writing its .npy, while its directory's mtime
+    stands still) and is measured against a probe file's mtime, i.e. the file server's clock,
+    so skew between hosts does not make a live writer look stale.
+  - A deleted model may still sit in another replica's memory; the runtime checks the entry
+    is still on disk before each use (Registry.has_model).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -36,14 +56,21 @@ from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
 from ntk_server.engine.network import Network, canonical_spec
-from ntk_server.errors import InvalidArgument, NotFound, short
+from ntk_server.errors import InvalidArgument, NotFound, Unavailable, short
 
 log = logging.getLogger(__name__)
 
 ID_HEX_CHARS = 32
 OWNERS_DIR = "owners"
+# A staging directory with no file written for this long belongs to a crashed writer.
 STALE_STAGING_S = 3600.0
+STAGING_PREFIX = "stage-"
+TRASH_PREFIX = "deleted-"
+CLOCK_PROBE_PREFIX = "clock-"
+REGISTER_ATTEMPTS = 3
 _ID_CHARS = set("0123456789abcdef")
+# Staging directories made by this process (several registries may share a root in-process).
+_OWN_STAGING: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -72,6 +99,18 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest mtime of a directory and the files directly inside it."""
+    newest = path.stat().st_mtime
+    if path.is_dir():
+        for child in path.iterdir():
+            try:
+                newest = max(newest, child.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+    return newest
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -130,32 +169,91 @@ class Registry:
             d.mkdir(parents=True, exist_ok=True)
         self._clean_staging()
 
+    def _filesystem_now(self) -> float:
+        """The current time on the clock that stamps files in tmp/ (see NOTE(shared registry))."""
+        probe = self.tmp_dir / f"{CLOCK_PROBE_PREFIX}{uuid.uuid4().hex}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0")
+                f.flush()
+                os.fsync(f.fileno())
+                return os.fstat(f.fileno()).st_mtime
+        except OSError:
+            return time.time()
+        finally:
+            probe.unlink(missing_ok=True)
+
     def _clean_staging(self) -> None:
-        # Other replicas may be writing into tmp/ right now: only old leftovers are removed.
-        now = time.time()
+        # Other replicas may be writing into tmp/ right now: only leftovers of dead processes
+        # on this host, deleted entries and old directories are removed.
+        now = self._filesystem_now()
         for entry in self.tmp_dir.iterdir():
+            if entry.name.startswith(TRASH_PREFIX):
+                # Already unpublished; whoever deleted it died before finishing.
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
             try:
-                if now - entry.stat().st_mtime > STALE_STAGING_S:
-                    shutil.rmtree(entry, ignore_errors=True)
+                age_s = now - _newest_mtime(entry)
             except FileNotFoundError:
-                pass
+                continue  # published or removed meanwhile
+            if age_s > STALE_STAGING_S or self._orphaned(entry.name):
+                log.info("removing leftover staging entry name=%s age_s=%.0f", entry.name, age_s)
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    @staticmethod
+    def _orphaned(name: str) -> bool:
+        """A staging directory of a process on this host that no longer runs."""
+        parts = name.split("-")
+        if len(parts) < 4 or parts[0] != "stage" or parts[1] != _host_tag():
+            return False
+        try:
+            pid = int(parts[2])
+        except ValueError:
+            return False
+        if pid == os.getpid():
+            # Not ours: an earlier process with our pid (containers restart as pid 1).
+            return name not in _OWN_STAGING
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def staging(self) -> Path:
         """A fresh private directory under tmp/ for building an entry."""
-        return Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp_dir))
+        prefix = f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-"
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_dir))
+        _OWN_STAGING.intersection_update(os.listdir(self.tmp_dir))  # forget finished ones
+        _OWN_STAGING.add(path.name)
+        return path
 
     def _publish(self, staged: Path, final: Path) -> bool:
         """Atomically move a complete staged directory into place; False if it already exists."""
         _fsync_dir(staged)
         try:
             os.rename(staged, final)
-        except OSError:
-            if final.exists():
-                shutil.rmtree(staged, ignore_errors=True)
-                return False
-            raise
+        except OSError as exc:
+            # Lost the race to another writer of the same content (NOTE(shared registry)).
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(staged, ignore_errors=True)
+            return False
         _fsync_dir(final.parent)
         return True
+
+    @staticmethod
+    def _read_json(path: Path) -> dict:
+        """Read an entry's json; a miss is retried once after refreshing the parent listing."""
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            os.listdir(path.parent.parent)  # revalidates a network filesystem's lookup cache
+            return json.loads(path.read_text())
 
     # Models -------------------------------------------------------------------------------
 
@@ -178,11 +276,6 @@ class Registry:
             params = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         model_id = content_id(spec, params)
         final = self.models_dir / model_id
-        if final.exists():
-            if owner:
-                self.claim_model(model_id, owner)
-            return self.get_model(model_id), False
-
         record = ModelRecord(
             id=model_id,
             spec=spec,
@@ -192,25 +285,49 @@ class Registry:
             parameters=tuple((n, s) for n, s in net.param_shapes.items()),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        staged = self.staging()
-        try:
-            save_file(params, str(staged / "weights.safetensors"))
-            with open(staged / "weights.safetensors", "rb+") as f:
-                os.fsync(f.fileno())
-            _write_file(staged / "model.json", json.dumps(_record_json(record), indent=1).encode())
+        # Another replica may delete the entry between any two of these steps; each attempt
+        # either publishes our copy or reads the one that is there.
+        for _ in range(REGISTER_ATTEMPTS):
+            if final.exists():
+                try:
+                    existing = self.get_model(model_id)
+                except NotFound:
+                    pass  # deleted meanwhile: store it again
+                else:
+                    if owner:
+                        self.claim_model(model_id, owner)
+                    return existing, False
+            staged = self.staging()
+            try:
+                save_file(params, str(staged / "weights.safetensors"))
+                with open(staged / "weights.safetensors", "rb+") as f:
+                    os.fsync(f.fileno())
+                _write_file(
+                    staged / "model.json", json.dumps(_record_json(record), indent=1).encode()
+                )
+                if owner:
+                    _check_owner(owner)
+                    (staged / OWNERS_DIR).mkdir()
+                    _write_file(staged / OWNERS_DIR / owner, b"")
+                created = self._publish(staged, final)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            if created:
+                log.info("model registered id=%s parameters=%d", model_id, net.parameter_count)
+                return record, True
+            try:
+                existing = self.get_model(model_id)
+            except NotFound:
+                continue  # the winner's copy was deleted before we could read it
             if owner:
-                _check_owner(owner)
-                (staged / OWNERS_DIR).mkdir()
-                _write_file(staged / OWNERS_DIR / owner, b"")
-            created = self._publish(staged, final)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        if created:
-            log.info("model registered id=%s parameters=%d", model_id, net.parameter_count)
-        elif owner:
-            self.claim_model(model_id, owner)
-        return (record if created else self.get_model(model_id)), created
+                self.claim_model(model_id, owner)
+            return existing, False
+        raise Unavailable(
+            f"model {model_id} was deleted {REGISTER_ATTEMPTS} times while being registered; "
+            "retry the registration",
+            field="spec",
+        )
 
     def model_owners(self, model_id: str) -> frozenset[str]:
         """Token names that registered a model; empty when unowned or unknown."""
@@ -248,7 +365,7 @@ class Registry:
     def get_model(self, model_id: str, field: str = "model_id") -> ModelRecord:
         path = self.models_dir / check_id(model_id, field) / "model.json"
         try:
-            data = json.loads(path.read_text())
+            data = self._read_json(path)
         except FileNotFoundError:
             raise NotFound(f"no model with id {model_id!r}", field=field, value=model_id) from None
         return ModelRecord(
@@ -260,6 +377,10 @@ class Registry:
             parameters=tuple((n, tuple(s)) for n, s in data["parameters"]),
             created_at=data["created_at"],
         )
+
+    def has_model(self, model_id: str) -> bool:
+        """Whether the entry is on disk now (it may have been deleted through another replica)."""
+        return (self.models_dir / check_id(model_id, "model_id") / "model.json").exists()
 
     def load_weights(self, model_id: str) -> dict[str, torch.Tensor]:
         path = self.models_dir / check_id(model_id, "model_id") / "weights.safetensors"
@@ -285,7 +406,7 @@ class Registry:
 
     def _delete(self, parent: Path, entry_id: str, kind: str) -> None:
         final = parent / check_id(entry_id, f"{kind}_id")
-        trash = self.tmp_dir / f"deleted-{uuid.uuid4().hex}"
+        trash = self.tmp_dir / f"{TRASH_PREFIX}{uuid.uuid4().hex}"
         try:
             os.rename(final, trash)  # the entry disappears in one step
         except FileNotFoundError:
@@ -319,7 +440,7 @@ class Registry:
     def get_dataset(self, dataset_id: str, field: str = "dataset_id") -> DatasetRecord:
         path = self.datasets_dir / check_id(dataset_id, field) / "dataset.json"
         try:
-            data = json.loads(path.read_text())
+            data = self._read_json(path)
         except FileNotFoundError:
             raise NotFound(f"no dataset with id {dataset_id!r}", field=field) from None
         return DatasetRecord(
@@ -343,6 +464,11 @@ class Registry:
     def iter_dataset_ids(self) -> Iterator[str]:
         for entry in sorted(self.datasets_dir.iterdir()):
             yield entry.name
+
+
+def _host_tag() -> str:
+    """The host name, with dashes dropped so staging names split cleanly on '-'."""
+    return "".join(c for c in socket.gethostname() if c.isalnum())[:40] or "host"
 
 
 def _record_json(record: ModelRecord) -> dict:

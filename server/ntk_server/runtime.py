@@ -9,6 +9,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ import torch
 from ntk_client.client import place_block
 
 from ntk_server import auth
-from ntk_server.engine import KernelComputer, Network, plan_kernel
+from ntk_server.admission import Admission, Ticket
+from ntk_server.engine import METHODS, KernelComputer, Network, plan_kernel
 from ntk_server.engine.blocks import Block, KernelPlan
-from ntk_server.engine.cost import choose_method
+from ntk_server.engine.cost import choose_method, estimate_memory_bytes
 from ntk_server.engine.linearized import evaluate_linearized, gradient_descent_mse
 from ntk_server.errors import InvalidArgument
 from ntk_server.registry import ModelRecord, Registry
@@ -32,6 +34,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LOADED_MODELS_MAX = 8
 KERNEL_CACHE_BYTES = 1 << 30
 MAX_EXAMPLES = 1 << 24
+# Per-request block counters are kept for this many recent requests (tests and debugging).
+BLOCK_COUNTS_KEPT = 4096
 
 
 @dataclass
@@ -54,6 +58,8 @@ class KernelJob:
     block_cols: int = 0
     block_indices: tuple[int, ...] = ()
     max_message_bytes: int = 4 << 20
+    request_id: str = ""
+    assemble: bool = False  # the whole kernel is held in memory (predictions)
 
 
 @dataclass
@@ -84,24 +90,45 @@ class Runtime:
         registry: Registry,
         scheduler: Scheduler,
         device: torch.device,
+        admission: Admission | None = None,
         on_block: Callable[[int], None] | None = None,
     ):
         """on_block(entries) is called once per computed kernel block (metrics)."""
         self.registry = registry
         self.scheduler = scheduler
         self.device = device
+        self.admission = admission or Admission()
         self.on_block = on_block
         self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+        self._block_counts: OrderedDict[str, int] = OrderedDict()
+        self.active_requests: set[str] = set()
+        self._releasing: set[asyncio.Task] = set()
+
+    def blocks_computed(self, request_id: str) -> int:
+        """Kernel blocks computed on the device for a recent request (0 if unknown)."""
+        with self._lock:
+            return self._block_counts.get(request_id, 0)
+
+    def _count_block(self, request_id: str) -> None:
+        with self._lock:
+            self._block_counts[request_id] = self._block_counts.get(request_id, 0) + 1
+            self._block_counts.move_to_end(request_id)
+            while len(self._block_counts) > BLOCK_COUNTS_KEPT:
+                self._block_counts.popitem(last=False)
 
     # Models -------------------------------------------------------------------------------
 
     def _load(self, model_id: str, dtype: str) -> LoadedModel:
         key = (model_id, dtype)
         with self._lock:
-            if key in self._models:
+            loaded = self._models.get(key)
+            if loaded is not None:
                 self._models.move_to_end(key)
-                return self._models[key]
+        # Replicas share the registry: a model deleted through another one must go here too.
+        if loaded is not None and self.registry.has_model(model_id):
+            return loaded
+        self.forget(model_id)
         record = self.registry.get_model(model_id)
         net = Network(record.spec)
         weights = self.registry.load_weights(model_id)
@@ -144,12 +171,32 @@ class Runtime:
     # Kernels ------------------------------------------------------------------------------
 
     async def kernel(self, job: KernelJob) -> KernelRun:
-        """Validate and plan a kernel; blocks are computed as the iterator is consumed."""
+        """Validate, plan and admit a kernel; blocks are computed as the iterator is consumed.
+
+        Waits here until admission (admission.py) lets the request's memory estimate in. The
+        blocks run in the scheduler lane `job.request_id`, round robin with other requests.
+        """
         model = await self.model(job.model_id, job.dtype)
         self.check_inputs(model, job.x1, "x1")
         if job.x2 is not None:
             self.check_inputs(model, job.x2, "x2")
         itemsize = torch.finfo(DTYPES[job.dtype]).bits // 8
+        plan, method, reason, estimate, cache_bytes = self._plan_within_budget(model, job, itemsize)
+        what = f"kernel with blocks of {plan.block_rows}x{plan.block_cols} examples"
+        ticket = self.admission.reserve(job.request_id, estimate, what)
+        try:
+            await ticket.wait()
+            computer = KernelComputer(model.net, model.params, method, job.layout, cache_bytes)
+            blocks = self._blocks(job, plan, computer, ticket)
+            # Started generators are closed by the event loop when dropped, so from here on
+            # its `finally` returns the request's memory whatever happens to the stream.
+            await anext(blocks)
+        except BaseException:
+            ticket.release()
+            raise
+        return KernelRun(plan, method, reason, blocks)
+
+    def _plan(self, model: LoadedModel, job: KernelJob, itemsize: int, rows: int, cols: int):
         n2 = None if job.x2 is None else job.x2.shape[0]
         plan = plan_kernel(
             job.x1.shape[0],
@@ -159,12 +206,18 @@ class Runtime:
             itemsize,
             job.max_message_bytes,
             batch_diagonal=job.batch_diagonal,
-            block_rows=job.block_rows,
-            block_cols=job.block_cols,
+            block_rows=rows,
+            block_cols=cols,
             indices=list(job.block_indices),
         )
         auth.check_kernel_entries(sum(plan.entries(b) for b in plan.blocks))
         method, reason = job.method, "requested"
+        if method != "auto" and method not in METHODS:
+            raise InvalidArgument(
+                f"{method} is not available on this server; use auto or one of {list(METHODS)}",
+                field="method",
+                value=method,
+            )
         if method == "auto":
             method, reason = choose_method(
                 model.net,
@@ -176,44 +229,123 @@ class Runtime:
                 plan.block_cols,
                 job.batch_diagonal,
             )
-        computer = KernelComputer(model.net, model.params, method, job.layout, KERNEL_CACHE_BYTES)
-        return KernelRun(plan, method, reason, self._blocks(job, plan, computer))
+        return plan, method, reason
+
+    def _estimate(
+        self, model: LoadedModel, job: KernelJob, plan: KernelPlan, method: str, itemsize: int
+    ) -> tuple[int, int]:
+        """(peak device bytes, Jacobian cache bytes) for a planned kernel.
+
+        One block's working memory (the cost model's estimate), the inputs, the assembled
+        kernel when it is held whole, and a Jacobian cache that gets at most half of what the
+        budget has left.
+        """
+        net = model.net
+        rows, cols = plan.block_rows, plan.block_cols
+        # One block as a request of its own: rows x cols (rows alone with batch_diagonal).
+        per_block = estimate_memory_bytes(
+            net,
+            method,
+            rows,
+            None if plan.batch_diagonal else cols,
+            job.layout,
+            itemsize,
+            rows,
+            cols,
+            batch_diagonal=plan.batch_diagonal,
+        )
+        inputs = (job.x1.size + (0 if job.x2 is None else job.x2.size)) * itemsize
+        output = math.prod(plan.shape) * itemsize if job.assemble else 0
+        fixed = per_block + inputs + output
+        cache = 0
+        if method == "jacobian_contraction":
+            examples = plan.n1 + (0 if job.x2 is None else plan.n2)
+            jacobians = examples * net.output_size * net.parameter_count * itemsize
+            room = max(0, self.admission.budget_bytes - fixed)
+            cache = min(KERNEL_CACHE_BYTES, jacobians, room // 2)
+        return fixed + cache, cache
+
+    def _plan_within_budget(self, model: LoadedModel, job: KernelJob, itemsize: int):
+        """Plan the kernel; when the server picks the block shape, halve it until it fits.
+
+        A block shape the caller chose (or a resume, which names block indices) is kept as is,
+        since the block grid must not change under the caller.
+        """
+        rows, cols = job.block_rows, job.block_cols
+        pinned = bool(rows or cols or job.block_indices)
+        while True:
+            plan, method, reason = self._plan(model, job, itemsize, rows, cols)
+            estimate, cache = self._estimate(model, job, plan, method, itemsize)
+            smallest = plan.block_rows == 1 and plan.block_cols == 1
+            if pinned or smallest or not self.admission.never_fits(estimate):
+                return plan, method, reason, estimate, cache
+            rows, cols = max(1, plan.block_rows // 2), max(1, plan.block_cols // 2)
 
     async def _blocks(
-        self, job: KernelJob, plan: KernelPlan, computer: KernelComputer
-    ) -> AsyncIterator[tuple[Block, np.ndarray]]:
-        x1 = self._tensor(job.x1, job.dtype)
-        x2 = None if job.x2 is None else self._tensor(job.x2, job.dtype)
-
-        def compute(block: Block) -> np.ndarray:
-            r0, c0 = block.row_offset, block.col_offset
-            rows = x1[r0 : r0 + block.rows]
-            if plan.batch_diagonal:
-                out = computer.block(rows, None, ("x1", r0), batch_diagonal=True)
-            else:
-                other, name = (x1, "x1") if x2 is None else (x2, "x2")
-                cols = other[c0 : c0 + block.cols]
-                out = computer.block(rows, cols, ("x1", r0), (name, c0))
-                if plan.symmetric and r0 == c0:
-                    out = symmetrize(out)
-            return out.detach().cpu().numpy()
-
+        self, job: KernelJob, plan: KernelPlan, computer: KernelComputer, ticket: Ticket
+    ) -> AsyncIterator[tuple[Block, np.ndarray] | None]:
+        """Yields None once (primed by `kernel`), then (block, values) per block."""
+        request_id = job.request_id
+        self.active_requests.add(request_id)
         try:
+            x1 = self._tensor(job.x1, job.dtype)
+            x2 = None if job.x2 is None else self._tensor(job.x2, job.dtype)
+
+            def compute(block: Block) -> np.ndarray:
+                r0, c0 = block.row_offset, block.col_offset
+                rows = x1[r0 : r0 + block.rows]
+                if plan.batch_diagonal:
+                    out = computer.block(rows, None, ("x1", r0), batch_diagonal=True)
+                else:
+                    other, name = (x1, "x1") if x2 is None else (x2, "x2")
+                    cols = other[c0 : c0 + block.cols]
+                    out = computer.block(rows, cols, ("x1", r0), (name, c0))
+                    if plan.symmetric and r0 == c0:
+                        out = symmetrize(out)
+                values = out.detach().cpu().numpy()
+                self._count_block(request_id)
+                return values
+
+            yield None
             for block in plan.blocks:
                 start = time.perf_counter()
-                values = await self.scheduler.run(compute, block)
+                values = await self.scheduler.run(compute, block, lane=request_id)
                 log.debug(
-                    "block index=%d rows=%d cols=%d seconds=%.4f",
+                    "block index=%d rows=%d cols=%d seconds=%.4f request_id=%s",
                     block.index,
                     block.rows,
                     block.cols,
                     time.perf_counter() - start,
+                    request_id,
                 )
                 if self.on_block is not None:
                     self.on_block(plan.entries(block))
                 yield block, values
         finally:
+            task = asyncio.get_running_loop().create_task(
+                self._release(request_id, computer, ticket)
+            )
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, request_id: str, computer: KernelComputer, ticket: Ticket) -> None:
+        """Free a request's device memory once the device is done with its last block.
+
+        A cancelled request's block may still be running; the device thread runs one item at
+        a time, so an item queued now runs after it, and only then is the memory returned.
+        """
+        try:
+            await self.scheduler.run(self._free, computer, lane=request_id)
+        except Exception:  # shutting down: the worker is gone, nothing runs any more
             computer.release()
+        finally:
+            ticket.release()
+            self.active_requests.discard(request_id)
+
+    def _free(self, computer: KernelComputer) -> None:
+        computer.release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     async def kernel_array(self, job: KernelJob) -> tuple[np.ndarray, str]:
         """The whole kernel assembled in memory (for predictions); returns (K, method)."""
@@ -259,12 +391,19 @@ class Runtime:
         if not t:
             t = [math.inf]
         big = 1 << 62  # in-process assembly: no message limit applies
-        common = dict(layout=layout, method=method, dtype=dtype, max_message_bytes=big)
-        k_tt, used = await self.kernel_array(KernelJob(model_id, x_train, None, **common))
+        request_id = uuid.uuid4().hex[:12]
+        common = dict(
+            layout=layout, method=method, dtype=dtype, max_message_bytes=big, assemble=True
+        )
+        k_tt, used = await self.kernel_array(
+            KernelJob(model_id, x_train, None, request_id=f"{request_id}-train", **common)
+        )
         if x_test is None:
             k_st, x_eval = k_tt, x_train
         else:
-            k_st, _ = await self.kernel_array(KernelJob(model_id, x_test, x_train, **common))
+            k_st, _ = await self.kernel_array(
+                KernelJob(model_id, x_test, x_train, request_id=f"{request_id}-test", **common)
+            )
             x_eval = x_test
 
         def solve():
@@ -285,8 +424,15 @@ class Runtime:
             f0 = f0_test.detach().to(torch.float64).cpu().numpy()
             return [p.cpu().numpy() for p in preds], f0
 
-        with torch.no_grad():
-            preds, f0 = await self.scheduler.run(solve)
+        # The solve holds both kernels and an eigendecomposition of K(X, X): about 4 copies.
+        solve_bytes = (k_tt.nbytes + k_st.nbytes) * 4 + (0 if x_test is None else x_test.nbytes)
+        ticket = self.admission.reserve(request_id, solve_bytes, "prediction")
+        try:
+            await ticket.wait()
+            with torch.no_grad():
+                preds, f0 = await self.scheduler.run(solve, lane=request_id)
+        finally:
+            ticket.release()
         return preds, f0, used
 
     async def evaluate(
@@ -313,7 +459,21 @@ class Runtime:
             f0, flin = evaluate_linearized(model.net, model.params, self._tensor(x, dtype), deltas)
             return f0.cpu().numpy(), flin.cpu().numpy()
 
-        return await self.scheduler.run(run)
+        # A jvp over all N examples at once: about one NTK-vector-product block of N x 1.
+        itemsize = torch.finfo(DTYPES[dtype]).bits // 8
+        request_id = uuid.uuid4().hex[:12]
+        estimate = (
+            estimate_memory_bytes(
+                model.net, "ntk_vector_products", x.shape[0], 1, "trace", itemsize, x.shape[0], 1
+            )
+            + 2 * x.size * itemsize
+        )
+        ticket = self.admission.reserve(request_id, estimate, "evaluation")
+        try:
+            await ticket.wait()
+            return await self.scheduler.run(run, lane=request_id)
+        finally:
+            ticket.release()
 
 
 def symmetrize(block: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from ntk_client._proto.ntk.v1 import service_pb2, service_pb2_grpc
 
 from ntk_server import __version__, auth, tls
+from ntk_server.admission import Admission, default_memory_budget_bytes
 from ntk_server.config import ServerConfig, check_security
 from ntk_server.interceptors import RequestInterceptor
 from ntk_server.metrics import Metrics
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["NTKService"]
 SERVICE_NAME = SERVICE.full_name
+DRAIN_POLL_S = 0.05
 
 
 def access_tokens(config: ServerConfig) -> auth.TokenTable | None:
@@ -71,8 +74,14 @@ class Server:
                 methods=frozenset(SERVICE.methods_by_name),
             )
         on_block = None if self.metrics is None else self.metrics.kernel_block
-        self.runtime = Runtime(self.registry, self.scheduler, self.device, on_block=on_block)
-        self.servicer = NTKServicer(self.registry, self.runtime)
+        budget = config.memory_budget_bytes or default_memory_budget_bytes(self.device)
+        self.admission = Admission(budget, config.queue_limit)
+        self.runtime = Runtime(
+            self.registry, self.scheduler, self.device, self.admission, on_block=on_block
+        )
+        self.servicer = NTKServicer(
+            self.registry, self.runtime, max_message_bytes=config.max_message_bytes
+        )
         self.health = health.aio.HealthServicer()
         self.address: str | None = None
         self.metrics_address: str | None = None
@@ -133,10 +142,12 @@ class Server:
             tmp.write_text(self.address)
             tmp.replace(self.config.port_file)
         log.info(
-            "serving address=%s device=%s registry=%s version=%s metrics=%s tls=%s",
+            "serving address=%s device=%s registry=%s memory_budget_bytes=%d version=%s "
+            "metrics=%s tls=%s",
             self.address,
             self.device,
             self.config.registry,
+            self.admission.budget_bytes,
             __version__,
             self.metrics_address or "off",
             "mutual" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
@@ -151,11 +162,20 @@ class Server:
         return self.address
 
     async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace_s`."""
         grace_s = self.config.grace_period_s if grace_s is None else grace_s
-        log.info("draining grace_s=%.1f", grace_s)
+        log.info("draining grace_s=%.1f inflight=%d", grace_s, self.servicer.inflight)
+        self.servicer.draining = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._server.stop(grace_s)
+        # The listener stays open meanwhile, so probes see NOT_SERVING and callers a clear
+        # UNAVAILABLE rather than a refused connection.
+        deadline = time.monotonic() + grace_s
+        while self.servicer.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.servicer.inflight:
+            log.warning("grace period over, cancelling inflight=%d", self.servicer.inflight)
+        await self._server.stop(max(0.0, deadline - time.monotonic()))
         await asyncio.to_thread(self.scheduler.close)
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)

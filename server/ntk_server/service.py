@@ -25,6 +25,7 @@ from ntk_client._proto.ntk.v1 import (
 
 from ntk_server import auth, datasets
 from ntk_server.errors import (
+    Draining,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -63,6 +64,9 @@ METHOD_NAMES = {
 METHOD_ENUMS = {v: k for k, v in METHOD_NAMES.items() if k != kernel_pb2.METHOD_UNSPECIFIED}
 DTYPE_NAMES = {0: "float32", 1: "float32", 2: "float64"}
 DEFAULT_CLIENT_MESSAGE_BYTES = 4 << 20
+# Trailing metadata on errors worth retrying unchanged (queue full, draining): the client's
+# resume and retry logic reads it.
+RETRYABLE_KEY = "ntk-retryable"
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:
@@ -90,15 +94,20 @@ def handle_errors(method):
             await context.abort(
                 grpc.StatusCode.INTERNAL, f"internal error (request_id={request_id})"
             )
-        await context.abort(code, str(exc))
+        retry = ((RETRYABLE_KEY, "true"),) if getattr(exc, "retryable", False) else ()
+        await context.abort(code, str(exc), trailing_metadata=retry)
 
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self, request, context):
             try:
-                async for item in method(self, request, context):
-                    yield item
+                self._enter()
+                try:
+                    async for item in method(self, request, context):
+                        yield item
+                finally:
+                    self.inflight -= 1
             except Exception as exc:  # CancelledError is a BaseException and passes through
                 await _abort(context, exc)
 
@@ -107,7 +116,11 @@ def handle_errors(method):
     @functools.wraps(method)
     async def unary(self, request, context):
         try:
-            return await method(self, request, context)
+            self._enter()
+            try:
+                return await method(self, request, context)
+            finally:
+                self.inflight -= 1
         except Exception as exc:
             await _abort(context, exc)
 
@@ -127,9 +140,22 @@ def model_to_proto(record: ModelRecord) -> model_pb2.Model:
 
 
 class NTKServicer(service_pb2_grpc.NTKServiceServicer):
-    def __init__(self, registry: Registry, runtime: Runtime):
+    """`draining` (set by Server.stop) refuses new calls; `inflight` counts running ones.
+
+    max_message_bytes: the server's own send limit, which caps the block size of every stream.
+    """
+
+    def __init__(self, registry: Registry, runtime: Runtime, *, max_message_bytes: int = 64 << 20):
         self.registry = registry
         self.runtime = runtime
+        self.max_message_bytes = max_message_bytes
+        self.draining = False
+        self.inflight = 0
+
+    def _enter(self) -> None:
+        if self.draining:
+            raise Draining("the server is draining (shutting down); retry on another replica")
+        self.inflight += 1
 
     # Inputs -------------------------------------------------------------------------------
 
@@ -194,6 +220,7 @@ class NTKServicer(service_pb2_grpc.NTKServiceServicer):
             raise InvalidArgument(
                 f"must be >= 0, got {request.max_message_bytes}", field="max_message_bytes"
             )
+        request_id = uuid.uuid4().hex[:12]
         job = KernelJob(
             model_id=request.model_id,
             x1=x1,
@@ -205,11 +232,13 @@ class NTKServicer(service_pb2_grpc.NTKServiceServicer):
             block_rows=request.block_rows,
             block_cols=request.block_cols,
             block_indices=tuple(request.block_indices),
-            max_message_bytes=request.max_message_bytes or DEFAULT_CLIENT_MESSAGE_BYTES,
+            max_message_bytes=min(
+                request.max_message_bytes or DEFAULT_CLIENT_MESSAGE_BYTES, self.max_message_bytes
+            ),
+            request_id=request_id,
         )
         run = await self.runtime.kernel(job)
         plan = run.plan
-        request_id = uuid.uuid4().hex[:12]
         yield kernel_pb2.KernelResponse(
             header=kernel_pb2.KernelHeader(
                 model_id=job.model_id,

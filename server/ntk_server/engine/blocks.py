@@ -86,8 +86,10 @@ def plan_kernel(
     if per_pair > budget:
         raise ResourceExhausted(
             f"one kernel entry block of {per_pair} bytes does not fit the message limit of "
-            f"{max_message_bytes} bytes; raise max_message_bytes (client option "
-            "max_message_bytes) or use the trace or diagonal layout",
+            f"{max_message_bytes} bytes (less {MESSAGE_OVERHEAD_BYTES} bytes of framing); "
+            "raise max_message_bytes on the client (Client(max_message_bytes=...)) and on the "
+            "server (--max-message-bytes / NTK_MAX_MESSAGE_BYTES) where that is the smaller, "
+            "or use the trace or diagonal layout",
             field="max_message_bytes",
             value=max_message_bytes,
         )

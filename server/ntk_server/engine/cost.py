@@ -312,10 +312,10 @@ def jacobian_bytes(net: Network, examples: int, itemsize: int) -> int:
 def estimate_memory_bytes(
     net: Network,
     method: str,
-    n1: int | str,
-    n2: int | None = None,
-    layout: str | int | None = None,
-    dtype_itemsize: int | None = None,
+    n1: int,
+    n2: int | None,
+    layout: str,
+    dtype_itemsize: int,
     block_rows: int = 0,
     block_cols: int = 0,
     batch_diagonal: bool = False,
@@ -323,13 +323,8 @@ def estimate_memory_bytes(
 ) -> int:
     """Estimated peak bytes of a request with `method` ("auto" resolved first) on its device.
 
-    n2 None means the Gram of x1. The block-only form of the first version,
-    estimate_memory_bytes(net, method, layout, itemsize, block_rows, block_cols), is still
-    accepted and gives the peak of one block_rows x block_cols block.
+    n2 None means the Gram of x1.
     """
-    if isinstance(n1, str):
-        layout, itemsize, rows, cols = n1, n2, layout, dtype_itemsize
-        n1, n2, dtype_itemsize, block_rows, block_cols = rows, cols, itemsize, rows, cols
     if method == AUTO:
         method, _ = choose_method(
             net, n1, n2, layout, dtype_itemsize, block_rows, block_cols, batch_diagonal

@@ -23,6 +23,7 @@ DEFAULT_SIGMA_B = 0.0
 DEFAULT_LEAKY_SLOPE = 0.01
 DEFAULT_LAYER_NORM_EPS = 1e-5
 MAX_INPUT_DIMS = 4
+MAX_INPUT_ELEMENTS = 1 << 28  # per example; keeps every layer's size within int64
 MAX_LAYERS = 256
 MAX_WIDTH = 1 << 20
 MAX_PARAMETERS = 1 << 31
@@ -305,6 +306,12 @@ class Network:
         if not 1 <= len(shape) <= MAX_INPUT_DIMS or min(shape) < 1:
             raise InvalidArgument(
                 f"needs 1 to {MAX_INPUT_DIMS} positive dimensions, got {list(shape)}",
+                field="spec.input_shape",
+            )
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise InvalidArgument(
+                f"{list(shape)} has {math.prod(shape)} elements per example, over the limit of "
+                f"{MAX_INPUT_ELEMENTS}",
                 field="spec.input_shape",
             )
         layers = spec.get("layers", [])
