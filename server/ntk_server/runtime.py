@@ -222,7 +222,7 @@ class Runtime:
             method, reason = choose_method(
                 model.net,
                 plan.n1,
-                plan.n2,
+                None if plan.symmetric else plan.n2,  # a Gram matrix computes half the blocks
                 job.layout,
                 itemsize,
                 plan.block_rows,
