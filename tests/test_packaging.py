@@ -170,3 +170,25 @@ def test_wheel_ships_the_stubs_and_imports_from_the_installed_files(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(tmp_path / "site"))
+
+
+def test_an_unusable_registry_stops_the_server_with_a_message(tmp_path):
+    not_a_directory = tmp_path / "registry"
+    not_a_directory.write_text("a file where the registry should be")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ntk_server",
+            "--address",
+            "127.0.0.1:0",
+            "--registry",
+            str(not_a_directory),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "registry directory" in result.stderr and "not usable" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -331,3 +331,26 @@ def test_an_upload_cut_off_half_way_leaves_nothing(server, rng):
     root = server.config.registry
     _wait_until(lambda: not any((root / "tmp").iterdir()), "the staging directory was removed")
     assert not any((root / "datasets").iterdir())
+
+
+def test_a_grid_of_millions_of_blocks_is_refused_at_once(client, rng):
+    model = client.register_model(WIDE_SPEC)
+    x = rng.standard_normal((3000, 6))
+    with pytest.raises(NTKError) as info:
+        client.kernel(model, x, block_shape=(1, 1))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "block_rows" in info.value.details and "over the limit" in info.value.details
+
+
+def test_predictions_whose_kernel_exceeds_the_budget_are_refused(tmp_path, rng):
+    config = ServerConfig(
+        address="127.0.0.1:0", registry=tmp_path / "reg", memory_budget_bytes=4 << 20
+    )
+    with BackgroundServer(config) as srv, Client(srv.address) as c:
+        model = c.register_model(WIDE_SPEC)
+        x = rng.standard_normal((1500, 6))  # K(X, X) alone is 9 MB in float32
+        with pytest.raises(NTKError) as info:
+            c.predict(model, x, rng.standard_normal((1500, 3)))
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "memory budget" in info.value.details
+        assert health(srv.address) == 1

@@ -43,7 +43,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -165,9 +164,15 @@ class Registry:
         self.models_dir = self.root / "models"
         self.datasets_dir = self.root / "datasets"
         self.tmp_dir = self.root / "tmp"
-        for d in (self.models_dir, self.datasets_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self._clean_staging()
+        try:
+            for d in (self.models_dir, self.datasets_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            self._clean_staging()
+        except OSError as exc:
+            raise RuntimeError(
+                f"registry directory {str(self.root)!r} is not usable: {exc.strerror} "
+                f"({exc.filename}); it must be a writable directory"
+            ) from None
 
     def _filesystem_now(self) -> float:
         """The current time on the clock that stamps files in tmp/ (see NOTE(shared registry))."""
@@ -178,8 +183,6 @@ class Registry:
                 f.flush()
                 os.fsync(f.fileno())
                 return os.fstat(f.fileno()).st_mtime
-        except OSError:
-            return time.time()
         finally:
             probe.unlink(missing_ok=True)
 

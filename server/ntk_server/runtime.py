@@ -181,7 +181,10 @@ class Runtime:
         if job.x2 is not None:
             self.check_inputs(model, job.x2, "x2")
         itemsize = torch.finfo(DTYPES[job.dtype]).bits // 8
-        plan, method, reason, estimate, cache_bytes = self._plan_within_budget(model, job, itemsize)
+        # Planning walks the whole block grid: off the event loop, which must answer health.
+        plan, method, reason, estimate, cache_bytes = await asyncio.to_thread(
+            self._plan_within_budget, model, job, itemsize
+        )
         what = f"kernel with blocks of {plan.block_rows}x{plan.block_cols} examples"
         ticket = self.admission.reserve(job.request_id, estimate, what)
         try:
@@ -273,12 +276,25 @@ class Runtime:
         """
         rows, cols = job.block_rows, job.block_cols
         pinned = bool(rows or cols or job.block_indices)
+        # What no block shape changes: the inputs, and the kernel itself when held whole.
+        n_inputs = job.x1.size + (0 if job.x2 is None else job.x2.size)
+        floor = n_inputs * itemsize
+        previous = None
         while True:
-            plan, method, reason = self._plan(model, job, itemsize, rows, cols)
+            try:
+                plan, method, reason = self._plan(model, job, itemsize, rows, cols)
+            except InvalidArgument:
+                if previous is None:
+                    raise
+                return previous  # a finer grid would be too large; admission refuses this one
             estimate, cache = self._estimate(model, job, plan, method, itemsize)
+            if job.assemble:
+                floor = (n_inputs + math.prod(plan.shape)) * itemsize
             smallest = plan.block_rows == 1 and plan.block_cols == 1
-            if pinned or smallest or not self.admission.never_fits(estimate):
-                return plan, method, reason, estimate, cache
+            hopeless = self.admission.never_fits(floor)
+            previous = plan, method, reason, estimate, cache
+            if pinned or smallest or hopeless or not self.admission.never_fits(estimate):
+                return previous
             rows, cols = max(1, plan.block_rows // 2), max(1, plan.block_cols // 2)
 
     async def _blocks(

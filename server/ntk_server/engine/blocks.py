@@ -16,6 +16,9 @@ from ntk_server.engine.kernels import kernel_shape
 from ntk_server.errors import InvalidArgument, ResourceExhausted
 
 DEFAULT_BLOCK_EXAMPLES = 1024
+# A grid this large is a mistake (blocks of a few examples over a large N): planning and
+# streaming it would cost more than the kernel.
+MAX_GRID_BLOCKS = 1 << 18
 # Room kept in each message for the block's own fields and protobuf framing.
 MESSAGE_OVERHEAD_BYTES = 64 << 10
 
@@ -98,6 +101,7 @@ def plan_kernel(
     if batch_diagonal:
         rows = max(1, min(rows, budget // per_pair))
         grid_rows = math.ceil(n1 / rows)
+        _check_grid_size(grid_rows)
         blocks = [
             Block(r, r * rows, r * rows, min(rows, n1 - r * rows), min(rows, n1 - r * rows), False)
             for r in range(grid_rows)
@@ -117,6 +121,7 @@ def plan_kernel(
         if symmetric:
             cols = rows
     grid_rows, grid_cols = math.ceil(n1 / rows), math.ceil(n2 / cols)
+    _check_grid_size(grid_rows * (grid_rows + 1) // 2 if symmetric else grid_rows * grid_cols)
     blocks = []
     # Column-major order: consecutive blocks share a column range, whose Jacobian is reused.
     for c in range(grid_cols):
@@ -137,6 +142,16 @@ def plan_kernel(
         n1, n2, output_size, layout, symmetric, False, rows, cols, grid_rows, grid_cols, ()
     )
     return _select(plan, blocks, indices)
+
+
+def _check_grid_size(blocks: int) -> None:
+    if blocks > MAX_GRID_BLOCKS:
+        raise InvalidArgument(
+            f"the block grid would have {blocks} blocks, over the limit of {MAX_GRID_BLOCKS}; "
+            "use larger blocks (or 0 to let the server choose)",
+            field="block_rows",
+            value=blocks,
+        )
 
 
 def _select(plan: KernelPlan, blocks: list[Block], indices: list[int] | None) -> KernelPlan:
