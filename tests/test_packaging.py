@@ -192,3 +192,44 @@ def test_an_unusable_registry_stops_the_server_with_a_message(tmp_path):
     assert result.returncode == 1
     assert "registry directory" in result.stderr and "not usable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--address", "127.0.0.1:99999"], "port in 0..65535"),
+        (["--address", "127.0.0.1:-5"], "port in 0..65535"),
+        (["--address", "nohost"], "host:port"),
+        (["--log-level", "bogus"], "log_level"),
+        (["--queue-limit", "0"], "queue_limit"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_setting_named(argv, fragment):
+    from ntk_server.config import load_config
+
+    with pytest.raises(ValueError, match=fragment):
+        load_config(argv, {})
+
+
+def test_a_second_server_on_a_busy_port_exits_with_an_error(tmp_path):
+    proc, address = _start_server(tmp_path)
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ntk_server",
+                "--address",
+                address,
+                "--registry",
+                str(tmp_path / "other"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 1
+        assert "bind" in result.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)

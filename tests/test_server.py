@@ -315,3 +315,78 @@ def test_health_and_reflection(server):
         )
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert "ntk.v1.NTKService" in names and "grpc.health.v1.Health" in names
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (
+            {
+                "layers": [
+                    {"type": "dense", "width": 4},
+                    {"type": "leaky_relu", "negative_slope": float("nan")},
+                    {"type": "dense", "width": 1},
+                ]
+            },
+            "spec.layers[1].negative_slope",
+        ),
+        (
+            {
+                "layers": [
+                    {"type": "dense", "width": 4},
+                    {"type": "layer_norm", "eps": float("inf")},
+                    {"type": "dense", "width": 1},
+                ]
+            },
+            "spec.layers[1].eps",
+        ),
+        ({"init": {"sigma_w": 1e300}}, "spec.init.sigma_w"),
+        ({"layers": [{"type": "dense", "width": 2}] * 257}, "spec.layers"),
+    ],
+)
+def test_spec_values_that_would_overflow_are_refused(client, change, field):
+    spec = {"input_shape": [3], "layers": [{"type": "dense", "width": 1}], **change}
+    with pytest.raises(NTKError) as info:
+        client.register_model(spec)
+    _assert_status(info, grpc.StatusCode.INVALID_ARGUMENT, field)
+
+
+def test_deeply_nested_residual_blocks_are_refused(client):
+    block = {"type": "residual", "layers": [{"type": "dense", "width": 3}]}
+    for _ in range(9):
+        block = {"type": "residual", "layers": [block]}
+    with pytest.raises(NTKError) as info:
+        client.register_model({"input_shape": [3], "layers": [block]})
+    _assert_status(info, grpc.StatusCode.INVALID_ARGUMENT, "nest at most")
+    for _ in range(10):
+        block = {"type": "residual", "layers": [block]}
+    with pytest.raises(ValueError, match="nest at most"):
+        client.register_model({"input_shape": [3], "layers": [block]})
+
+
+def test_overflowing_inputs_give_a_clear_error_not_nan(client, rng):
+    model = client.register_model(MLP_SPEC)
+    huge = rng.standard_normal((4, 6)) * 1e30
+    with pytest.raises(NTKError) as info:
+        client.kernel(model, huge)
+    _assert_status(info, grpc.StatusCode.INVALID_ARGUMENT, "non-finite", "float64")
+    with pytest.raises(NTKError) as info:
+        client.predict(model, huge, np.zeros((4, 3)))
+    _assert_status(info, grpc.StatusCode.INVALID_ARGUMENT, "non-finite")
+    assert np.isfinite(client.kernel(model, huge / 1e30)).all()
+
+
+def test_huge_learning_rate_times_t_takes_the_infinite_time_limit(client, rng):
+    model = client.register_model(MLP_SPEC)
+    x, y = rng.standard_normal((5, 6)), rng.standard_normal((5, 3))
+    p = client.predict(model, x, y, t=[1e300, math.inf], learning_rate=1e300, dtype="float64")
+    assert np.isfinite(p.f).all()
+    np.testing.assert_allclose(p.f[0], p.f[1])
+
+
+def test_batch_diagonal_with_x2_is_refused(client, rng):
+    model = client.register_model(MLP_SPEC)
+    x = rng.standard_normal((4, 6))
+    with pytest.raises(NTKError) as info:
+        client.kernel(model, x, x, batch_diagonal=True)
+    _assert_status(info, grpc.StatusCode.INVALID_ARGUMENT, "x2", "batch_diagonal")

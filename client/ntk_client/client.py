@@ -494,11 +494,12 @@ class Client:
         if x_test is not None:
             request.x_test.CopyFrom(_inputs(x_test))
         response = self._call(self._stub.Predict, request, timeout=timeout or self.timeout)
-        f = np.stack([codec.from_proto(p.f, "f") for p in response.predictions])
+        # Results are not re-checked for finiteness: the server refuses non-finite outcomes.
+        f = np.stack([codec.from_proto(p.f, "f", finite=False) for p in response.predictions])
         return Predictions(
             t=tuple(p.t for p in response.predictions),
             f=f,
-            f0=codec.from_proto(response.f0, "f0"),
+            f0=codec.from_proto(response.f0, "f0", finite=False),
             method=METHOD_NAMES.get(response.method, "unknown"),
             seconds=response.seconds,
         )
@@ -513,4 +514,7 @@ class Client:
         for name, value in (dw or {}).items():
             request.dw[name].CopyFrom(codec.to_proto(value, dtype))
         response = self._call(self._stub.Evaluate, request)
-        return codec.from_proto(response.f0, "f0"), codec.from_proto(response.f_lin, "f_lin")
+        return (
+            codec.from_proto(response.f0, "f0", finite=False),
+            codec.from_proto(response.f_lin, "f_lin", finite=False),
+        )

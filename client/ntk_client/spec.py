@@ -35,6 +35,8 @@ ACTIVATIONS = {
     "identity": model_pb2.IDENTITY,
 }
 _ACTIVATION_NAMES = {v: k for k, v in ACTIVATIONS.items()}
+# Deeper nesting than protobuf decodes (its recursion limit); the server allows less still.
+MAX_NESTING = 16
 PARAMETERIZATIONS = {"standard": model_pb2.STANDARD, "ntk": model_pb2.NTK}
 LAYER_TYPES = (
     "dense",
@@ -90,6 +92,8 @@ def _layer_to_proto(layer: dict, where: str) -> model_pb2.Layer:
         if "eps" in layer:
             msg.layer_norm.eps = float(layer["eps"])
     elif kind == "residual":
+        if where.count(".layers[") >= MAX_NESTING:
+            raise ValueError(f"{where}: residual blocks nest at most {MAX_NESTING} deep")
         inner = layer.get("layers", [])
         msg.residual.SetInParent()
         for i, sub in enumerate(inner):

@@ -11,6 +11,8 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_GRACE_PERIOD_S = 20.0
 DEFAULT_QUEUE_LIMIT = 256
+MAX_PORT = 65535
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,17 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> S
     if environ.get(TOKENS_ENV):
         values["tokens"] = environ[TOKENS_ENV]
     config = ServerConfig(**values)
+    host, sep, port = config.address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= MAX_PORT:
+        raise ValueError(
+            f"address must be host:port with a port in 0..{MAX_PORT}, got {config.address!r}"
+        )
+    if config.log_level.upper() not in LOG_LEVELS:
+        raise ValueError(
+            f"log_level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}"
+        )
+    if config.queue_limit < 1:
+        raise ValueError(f"queue_limit must be >= 1, got {config.queue_limit}")
     if config.log_format not in ("text", "json"):
         raise ValueError(f"log_format must be text or json, got {config.log_format!r}")
     if config.max_message_bytes < 1 << 20:

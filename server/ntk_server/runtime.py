@@ -176,6 +176,10 @@ class Runtime:
         Waits here until admission (admission.py) lets the request's memory estimate in. The
         blocks run in the scheduler lane `job.request_id`, round robin with other requests.
         """
+        if job.batch_diagonal and job.x2 is not None:
+            raise InvalidArgument(
+                "must be absent with batch_diagonal, which computes K(x1_i, x1_i)", field="x2"
+            )
         model = await self.model(job.model_id, job.dtype)
         self.check_inputs(model, job.x1, "x1")
         if job.x2 is not None:
@@ -320,6 +324,12 @@ class Runtime:
                         out = symmetrize(out)
                 values = out.detach().cpu().numpy()
                 self._count_block(request_id)
+                if not np.isfinite(values).all():
+                    raise InvalidArgument(
+                        f"block {block.index} of the kernel has non-finite entries: the inputs "
+                        f"or weights overflow {job.dtype}; rescale the inputs or use float64",
+                        field="x1",
+                    )
                 return values
 
             yield None
@@ -473,6 +483,12 @@ class Runtime:
         def run():
             deltas = {k: self._tensor(v, dtype) for k, v in dw.items()}
             f0, flin = evaluate_linearized(model.net, model.params, self._tensor(x, dtype), deltas)
+            if not (torch.isfinite(f0).all() and torch.isfinite(flin).all()):
+                raise InvalidArgument(
+                    f"f or f_lin has non-finite entries: the inputs, weights or dw overflow "
+                    f"{dtype}; rescale them or use float64",
+                    field="x",
+                )
             return f0.cpu().numpy(), flin.cpu().numpy()
 
         # A jvp over all N examples at once: about one NTK-vector-product block of N x 1.

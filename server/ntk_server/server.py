@@ -100,6 +100,8 @@ class Server:
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
+                # Without this a second server on a busy port starts and shares it.
+                ("grpc.so_reuseport", 0),
             ],
         )
         service_pb2_grpc.add_NTKServiceServicer_to_server(self.servicer, self._server)
@@ -119,7 +121,7 @@ class Server:
         else:
             bound = self._server.add_insecure_port(config.address)
         if bound == 0:
-            raise RuntimeError(f"could not bind {config.address}")
+            raise RuntimeError(f"could not bind {config.address}: is the port in use?")
         self.address = f"{host}:{bound}"
         if self.metrics is not None:
             try:

@@ -81,6 +81,19 @@ def gradient_descent_mse(
         if math.isnan(value) or value < 0:
             raise InvalidArgument(f"times must be >= 0 (inf allowed), got {value}", field="t")
 
+    for name, value in (
+        ("k_train_train", k_train_train),
+        ("k_test_train", k_test_train),
+        ("f0_train", f0_train),
+        ("f0_test", f0_test),
+    ):
+        if not torch.isfinite(value).all():
+            raise InvalidArgument(
+                f"{name} has non-finite entries: the inputs or weights overflow the dtype; "
+                "rescale the inputs or use float64",
+                field="x_train",
+            )
+
     f64 = torch.float64
     n, o = y_train.shape
     m = f0_test.shape[0]
@@ -99,10 +112,10 @@ def gradient_descent_mse(
 
     out = []
     for time in t:
-        if math.isinf(time):
+        scale = learning_rate * time / normalization
+        if math.isinf(scale):  # t = inf, or eta t too large for a float: the same limit
             g = torch.where(evals > cutoff, 1.0 / torch.where(evals > cutoff, evals, 1.0), 0.0)
         else:
-            scale = learning_rate * time / normalization
             g = scale * _phi(evals * scale)
         update = lhs @ (g.unsqueeze(-1) * proj)
         out.append(f0_test.to(f64) + update.reshape(m, o))

@@ -24,7 +24,11 @@ DEFAULT_LEAKY_SLOPE = 0.01
 DEFAULT_LAYER_NORM_EPS = 1e-5
 MAX_INPUT_DIMS = 4
 MAX_INPUT_ELEMENTS = 1 << 28  # per example; keeps every layer's size within int64
-MAX_LAYERS = 256
+MAX_LAYERS = 256  # in the whole spec, residual blocks' layers included
+MAX_RESIDUAL_DEPTH = 8
+# Larger scales overflow float32 activations and make every kernel entry inf.
+MAX_SIGMA = 1e3
+MAX_LEAKY_SLOPE = 1e3
 MAX_WIDTH = 1 << 20
 MAX_PARAMETERS = 1 << 31
 
@@ -168,10 +172,15 @@ class _Builder:
 
     def __init__(self, scaling: Scaling):
         self.scaling = scaling
+        self.count = 0
+        self.depth = 0
 
     def build(self, layers, shape: tuple[int, ...], where: str) -> tuple[nn.Sequential, tuple]:
-        if len(layers) > MAX_LAYERS:
-            raise InvalidArgument(f"at most {MAX_LAYERS} layers, got {len(layers)}", field=where)
+        self.count += len(layers)
+        if self.count > MAX_LAYERS:
+            raise InvalidArgument(
+                f"at most {MAX_LAYERS} layers in all, got {self.count} so far", field=where
+            )
         seq = nn.Sequential()
         for i, layer in enumerate(layers):
             module, shape = self.layer(layer, shape, f"{where}[{i}]")
@@ -194,6 +203,11 @@ class _Builder:
             return self.conv(layer, shape, where)
         if kind in ACTIVATION_FNS or kind == "leaky_relu":
             slope = float(layer.get("negative_slope", DEFAULT_LEAKY_SLOPE))
+            if not abs(slope) <= MAX_LEAKY_SLOPE:  # also false for NaN
+                raise InvalidArgument(
+                    f"must be finite with |slope| <= {MAX_LEAKY_SLOPE:g}, got {slope}",
+                    field=f"{where}.negative_slope",
+                )
             return Activation(kind, slope), shape
         if kind == "flatten":
             return Flatten(), (math.prod(shape),)
@@ -207,11 +221,17 @@ class _Builder:
             return self.avg_pool(layer, shape, where)
         if kind == "layer_norm":
             eps = float(layer.get("eps", DEFAULT_LAYER_NORM_EPS))
-            if not eps > 0:
-                raise InvalidArgument(f"must be > 0, got {eps}", field=f"{where}.eps")
+            if not (math.isfinite(eps) and eps > 0):
+                raise InvalidArgument(f"must be finite and > 0, got {eps}", field=f"{where}.eps")
             return LayerNorm(eps), shape
         if kind == "residual":
+            self.depth += 1
+            if self.depth > MAX_RESIDUAL_DEPTH:
+                raise InvalidArgument(
+                    f"residual blocks nest at most {MAX_RESIDUAL_DEPTH} deep", field=where
+                )
             inner, out = self.build(layer.get("layers", []), shape, f"{where}.layers")
+            self.depth -= 1
             if out != shape:
                 raise InvalidArgument(
                     f"inner layers map shape {list(shape)} to {list(out)}; a residual block must "
@@ -294,13 +314,13 @@ class Network:
         init = spec.get("init", {}) or {}
         sigma_w = float(init.get("sigma_w", DEFAULT_SIGMA_W))
         sigma_b = float(init.get("sigma_b", DEFAULT_SIGMA_B))
-        if not (math.isfinite(sigma_w) and sigma_w > 0):
+        if not 0 < sigma_w <= MAX_SIGMA:
             raise InvalidArgument(
-                f"must be finite and > 0, got {sigma_w}", field="spec.init.sigma_w"
+                f"must be in (0, {MAX_SIGMA:g}], got {sigma_w}", field="spec.init.sigma_w"
             )
-        if not (math.isfinite(sigma_b) and sigma_b >= 0):
+        if not 0 <= sigma_b <= MAX_SIGMA:
             raise InvalidArgument(
-                f"must be finite and >= 0, got {sigma_b}", field="spec.init.sigma_b"
+                f"must be in [0, {MAX_SIGMA:g}], got {sigma_b}", field="spec.init.sigma_b"
             )
         shape = tuple(int(s) for s in spec.get("input_shape", []))
         if not 1 <= len(shape) <= MAX_INPUT_DIMS or min(shape) < 1:
