@@ -99,6 +99,16 @@ def test_register_upload_kernel_predict_and_list(server, client, tmp_path, rng, 
     direct = client.predict(model_id, x, y, x, t=[0, 1.5, np.inf], dtype="float64", diag_reg=1e-3)
     np.testing.assert_allclose(saved["f"], direct.f, rtol=1e-10)
     assert list(saved["t"]) == [0, 1.5, np.inf]
+    code, _, _ = _run(
+        capsys, *target, "predict", model_id, "--x-train", f"dataset:{dataset_id}",
+        "--t", "2", "--dtype", "float64", "--diag-reg", "0.5", "--diag-reg-absolute",
+        "--method", "jacobian_contraction", "--out", str(tmp_path / "abs.npz"),
+    )  # fmt: skip
+    assert code == 0
+    direct = client.predict(
+        model_id, x, y, t=[2], dtype="float64", diag_reg=0.5, diag_reg_absolute=True
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "abs.npz")["f"], direct.f, rtol=1e-8)
 
     code, out, _ = _run(capsys, *target, "models")
     assert code == 0 and model_id in out and "parameters" in out.splitlines()[0]
@@ -135,6 +145,16 @@ def test_errors_exit_with_the_status_and_a_message(server, tmp_path, capsys):
         "4",
     )
     assert code == 2 and "--block-shape" in err
+    code, out, err = _run(
+        capsys, *target, "kernel", missing, "--x1", str(tmp_path / "x.npy"),
+        "--out", str(tmp_path / "no-such-dir" / "k.npy"),
+    )  # fmt: skip
+    assert code == 2 and "no-such-dir" in err and "does not exist" in err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    code, _, err = _run(capsys, *target, "register", str(tmp_path / "list.json"))
+    assert code == 2 and "JSON object" in err
+    code, out, err = _run(capsys, "--target", "127.0.0.1:1", "--timeout", "2", "models")
+    assert code == 1 and out == "" and "UNAVAILABLE" in err
 
 
 BLOCKED_TORCH_CLI = r"""

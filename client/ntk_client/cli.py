@@ -83,6 +83,8 @@ def cmd_register(client: Client, args) -> None:
         spec = json.loads(Path(args.spec).read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(f"spec: cannot read {args.spec!r} as JSON ({exc})") from None
+    if not isinstance(spec, dict):
+        raise UsageError(f"spec: {args.spec!r} must hold a JSON object, got {type(spec).__name__}")
     model = client.register_model(spec, _weights(args.weights))
     print(model.id)
     print(
@@ -99,8 +101,16 @@ def cmd_upload(client: Client, args) -> None:
     print(dataset.id)
 
 
+def _writable_out(path: str) -> Path:
+    """Check --out before any work: the kernel may take long to compute."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise UsageError(f"--out: directory {str(out.parent)!r} does not exist")
+    return out
+
+
 def cmd_kernel(client: Client, args) -> None:
-    out = Path(args.out)
+    out = _writable_out(args.out)
     options = dict(
         layout=args.layout,
         method=args.method,
@@ -120,6 +130,7 @@ def cmd_kernel(client: Client, args) -> None:
 
 
 def cmd_predict(client: Client, args) -> None:
+    _writable_out(args.out)
     y_train = None if args.y_train is None else _array(args.y_train, "--y-train")
     try:
         times = [float(t) for t in args.t]  # "inf" parses as math.inf
@@ -133,7 +144,9 @@ def cmd_predict(client: Client, args) -> None:
         t=times,
         learning_rate=args.learning_rate,
         diag_reg=args.diag_reg,
+        diag_reg_absolute=args.diag_reg_absolute,
         layout=args.layout,
+        method=args.method,
         dtype=args.dtype,
         timeout=args.timeout,
     )
@@ -149,8 +162,9 @@ def cmd_predict(client: Client, args) -> None:
 
 
 def cmd_models(client: Client, args) -> None:
+    models = client.models()  # before the header, so a failed call prints only the error
     print(f"{'id':32}  {'parameters':>12}  {'input_shape':16}  {'outputs':>7}  created")
-    for m in client.models():
+    for m in models:
         shape = "x".join(map(str, m.input_shape))
         print(f"{m.id:32}  {m.parameter_count:>12}  {shape:16}  {m.output_size:>7}  {m.created_at}")
 
@@ -210,7 +224,9 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--x-test", help="X.npy or dataset:ID (absent: predict on x-train)")
     pre.add_argument("--t", nargs="+", default=["inf"], help="training times; inf allowed")
     pre.add_argument("--learning-rate", type=float, default=1.0)
-    pre.add_argument("--diag-reg", type=float, default=0.0)
+    pre.add_argument("--diag-reg", type=float, default=0.0, help="times mean(diag K), or ...")
+    pre.add_argument("--diag-reg-absolute", action="store_true", help="... added as it is")
+    pre.add_argument("--method", choices=sorted(METHODS), default="auto")
     pre.add_argument("--layout", choices=["trace", "full"], default="trace")
     pre.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     pre.add_argument("--out", required=True, help=".npz (t, f, f0) or .npy (f: t x N x O)")
