@@ -177,7 +177,8 @@ class NTKServicer(service_pb2_grpc.NTKServiceServicer):
     async def RegisterModel(self, request, context):
         spec = spec_from_proto(request.spec)
         weights = parse_safetensors(request.safetensors) if request.safetensors else None
-        record, created = await asyncio.to_thread(
+        # Seeded initialisation is torch work: on the device thread (NOTE(one torch thread)).
+        record, created = await self.runtime.scheduler.run(
             self.registry.register_model, spec, weights, auth.current_owner()
         )
         return model_pb2.RegisterModelResponse(model=model_to_proto(record), created=created)

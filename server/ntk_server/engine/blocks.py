@@ -19,6 +19,7 @@ DEFAULT_BLOCK_EXAMPLES = 1024
 # A grid this large is a mistake (blocks of a few examples over a large N): planning and
 # streaming it would cost more than the kernel.
 MAX_GRID_BLOCKS = 1 << 18
+TARGET_BLOCK_BYTES = 4 << 20
 # Room kept in each message for the block's own fields and protobuf framing.
 MESSAGE_OVERHEAD_BYTES = 64 << 10
 
@@ -113,6 +114,10 @@ def plan_kernel(
         )
 
     cols = rows if symmetric else min(block_cols or DEFAULT_BLOCK_EXAMPLES, n2)
+    # Blocks the server sizes itself stay near TARGET_BLOCK_BYTES, so that computing one block
+    # overlaps with sending the last; one huge message leaves both ends idle in turn.
+    if not (block_rows or block_cols):
+        budget = min(budget, TARGET_BLOCK_BYTES)
     while rows * cols * per_pair > budget:
         if rows >= cols:
             rows = max(1, rows // 2)
