@@ -390,3 +390,21 @@ def test_batch_diagonal_with_x2_is_refused(client, rng):
     with pytest.raises(NTKError) as info:
         client.kernel(model, x, x, batch_diagonal=True)
     _assert_status(info, grpc.StatusCode.INVALID_ARGUMENT, "x2", "batch_diagonal")
+
+
+def test_a_failing_registry_volume_is_unavailable_and_the_server_keeps_serving(
+    server, client, monkeypatch, rng
+):
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", "/secret/registry/path")
+
+    monkeypatch.setattr(server.server.registry, "register_model", read_only)
+    with pytest.raises(NTKError) as info:
+        client.register_model(MLP_SPEC)
+    _assert_status(info, grpc.StatusCode.UNAVAILABLE, "storage error", "Read-only file system")
+    assert "/secret" not in info.value.details
+    monkeypatch.undo()
+    model = client.register_model(MLP_SPEC)
+    assert client.kernel(model, rng.standard_normal((3, 6))).shape == (3, 3)

@@ -88,6 +88,15 @@ def handle_errors(method):
 
     async def _abort(context, exc):
         code = status_for(exc)
+        if code is None and isinstance(exc, OSError):
+            # The registry volume failed (full, read-only, gone): the server itself is fine.
+            request_id = uuid.uuid4().hex[:12]
+            log.exception("storage error in %s request_id=%s", method.__name__, request_id)
+            reason = exc.strerror or type(exc).__name__
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"storage error on the server ({reason}); retry later (request_id={request_id})",
+            )
         if code is None:
             request_id = uuid.uuid4().hex[:12]
             log.exception("internal error in %s request_id=%s", method.__name__, request_id)
