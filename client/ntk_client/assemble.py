@@ -24,6 +24,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from ntk_client.grid import grid_indices
+
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
@@ -56,16 +58,6 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
-
-
-def expected_indices(header) -> set[int]:
-    """Indices of the blocks a whole (not resumed) stream with this header sends."""
-    rows, cols = header.grid_rows, header.grid_cols
-    if header.batch_diagonal:
-        return set(range(rows))
-    if header.symmetric:
-        return {r * cols + c for r in range(rows) for c in range(r, cols)}
-    return set(range(rows * cols))
 
 
 def _same_grid(first, again) -> bool:
@@ -144,7 +136,7 @@ def assemble(
                 stream = open_stream(missing, header, remaining)
                 if header is None:
                     header = stream.header
-                    expected = expected_indices(header)
+                    expected = set(grid_indices(header))
                     output = _Output(out, header, dtype)
                 elif not _same_grid(header, stream.header):
                     stream.cancel()

@@ -44,7 +44,7 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -463,10 +463,6 @@ class Registry:
         x = np.load(folder / "x.npy", mmap_mode="r")
         y = np.load(folder / "y.npy", mmap_mode="r") if record.y_shape else None
         return x, y
-
-    def iter_dataset_ids(self) -> Iterator[str]:
-        for entry in sorted(self.datasets_dir.iterdir()):
-            yield entry.name
 
 
 def _host_tag() -> str:

@@ -304,11 +304,6 @@ def estimate_flops(net: Network, method: str, n1: int, n2: int | None, layout: s
     return method_costs(net, n1, n2, layout, kw.pop("dtype_itemsize", 4), **kw)[method].flops
 
 
-def jacobian_bytes(net: Network, examples: int, itemsize: int) -> int:
-    """Bytes of the per-example Jacobians of `examples` examples: (n, O, P)."""
-    return examples * net.output_size * net.parameter_count * itemsize
-
-
 def estimate_memory_bytes(
     net: Network,
     method: str,
